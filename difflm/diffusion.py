@@ -1,0 +1,226 @@
+"""The Gaussian variational diffusion model (Luo 2022; Kingma et al. 2021), independent of the data modality.
+
+Time is continuous, t in [0, 1]. With `num_steps=T` the process is discrete: latents x_1..x_T live at
+t_i = i / T and alpha_bar comes from the schedule's discrete grid; with `num_steps=None` it is continuous.
+The class never owns a network: every method that needs one takes `model_fn(x_t, t) -> output`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .errors import DifflmError
+from .schedules import Schedule
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PREDICTIONS = ("x0", "eps", "score", "v")
+
+
+def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Shape a per-example (B,) tensor to broadcast against x (B, ...)."""
+    return a.reshape(a.shape + (1,) * (x.dim() - a.dim())).to(x.dtype)
+
+
+def _sum_except_batch(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def gaussian_kl(mean1, var1, mean2, var2) -> torch.Tensor:
+    """KL(N(mean1, var1) || N(mean2, var2)) elementwise (Luo 2022, eq. 87 for diagonal covariances)."""
+    return 0.5 * (torch.log(var2) - torch.log(var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1.0)
+
+
+def gaussian_log_prob(x, mean, var) -> torch.Tensor:
+    """log N(x; mean, var) elementwise."""
+    return -0.5 * (math.log(2 * math.pi) + torch.log(var) + (x - mean) ** 2 / var)
+
+
+@dataclass
+class DenoiseOutput:
+    """One noised training example: per-example loss (mean over data dims) and what the model saw and said."""
+
+    loss: torch.Tensor  # (B,)
+    x0_hat: torch.Tensor  # (B, ...)
+    x_t: torch.Tensor  # (B, ...)
+    t: torch.Tensor  # (B,)
+
+
+@dataclass
+class ELBOTerms:
+    """Per-example terms of -ELBO in nats (each (B,)), Luo 2022 eq. 45; `total` upper-bounds -log p(x0)."""
+
+    reconstruction: torch.Tensor  # -E_q[log p(x0 | x_1)]
+    prior: torch.Tensor  # KL(q(x_T | x0) || N(0, I))
+    diffusion: torch.Tensor  # sum of denoising-matching KLs (one-sample Monte Carlo over t)
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.reconstruction + self.prior + self.diffusion
+
+
+class GaussianDiffusion(nn.Module):
+    """q(x_t | x0), its posterior, the three parameterizations, the ELBO and the training loss.
+
+    `prediction` says what the network outputs: x0, eps (the noise), score (grad log q(x_t)), or
+    v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0. `predict_x0` is the only place they are told apart.
+    `t_min` is where the continuous-time process starts (its reconstruction latent); discrete processes
+    start at t = 1/T.
+    """
+
+    def __init__(self, schedule: Schedule, num_steps: Optional[int] = 2000, prediction: str = "x0",
+                 t_min: float = 0.0):
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise DifflmError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+        if num_steps is not None and num_steps < 1:
+            raise DifflmError(f"num_steps must be a positive integer or null for continuous time, got {num_steps}")
+        self.schedule, self.num_steps, self.prediction, self.t_min = schedule, num_steps, prediction, t_min
+        self._tables: dict = {}
+
+    @property
+    def discrete(self) -> bool:
+        return self.num_steps is not None
+
+    # ---- the forward process --------------------------------------------------------------------------------
+    def _table(self, device) -> torch.Tensor:
+        """[1, alpha_bar_1, .., alpha_bar_T] on `device` (index = step; x_0 is the data itself)."""
+        if self.schedule.learnable:
+            grid = self.schedule.discretize(self.num_steps)
+            return torch.cat([torch.ones_like(grid[:1]), grid]).to(device)
+        key = str(device)
+        if key not in self._tables:
+            grid = self.schedule.discretize(self.num_steps)
+            self._tables[key] = torch.cat([torch.ones_like(grid[:1]), grid]).to(device)
+        return self._tables[key]
+
+    def step_index(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.round(t * self.num_steps).long()
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        if self.discrete:
+            return self._table(t.device)[self.step_index(t)].to(t.dtype)
+        return self.schedule.alpha_bar(t).to(t.dtype)
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        a = self.alpha_bar(t)
+        return a / (1 - a)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Luo 2022, eq. 69)."""
+        a = _bcast(self.alpha_bar(t), x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def q_posterior(self, x0, x_t, s, t):
+        """Mean and variance of q(x_s | x_t, x0) for s < t (Luo 2022, eqs. 84-85 with alpha_{t|s} = abar_t/abar_s)."""
+        a_s, a_t = _bcast(self.alpha_bar(s), x0), _bcast(self.alpha_bar(t), x0)
+        a_ts = a_t / a_s
+        mean = (a_ts.sqrt() * (1 - a_s) * x_t + a_s.sqrt() * (1 - a_ts) * x0) / (1 - a_t)
+        var = (1 - a_ts) * (1 - a_s) / (1 - a_t)
+        return mean, var.expand_as(x0)
+
+    # ---- parameterizations: exact changes of variables -------------------------------------------------------
+    def predict_x0(self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The x0 implied by the network's output (Luo 2022 eqs. 115, 133 (Tweedie); Salimans & Ho 2022 for v)."""
+        a = _bcast(self.alpha_bar(t), x_t)
+        if self.prediction == "x0":
+            return model_out
+        if self.prediction == "eps":
+            return (x_t - (1 - a).sqrt() * model_out) / a.sqrt()
+        if self.prediction == "score":
+            return (x_t + (1 - a) * model_out) / a.sqrt()
+        return a.sqrt() * x_t - (1 - a).sqrt() * model_out  # v
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What a perfect network outputs for x_t = q_sample(x0, t, noise) under this parameterization."""
+        a = _bcast(self.alpha_bar(t), x0)
+        if self.prediction == "x0":
+            return x0
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "score":
+            return -noise / (1 - a).sqrt()
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    # ---- time sampling ---------------------------------------------------------------------------------------
+    def first_t(self, batch: int, device, dtype=torch.float32) -> torch.Tensor:
+        """The time of the reconstruction latent x_1: 1/T (discrete) or t_min (continuous)."""
+        t0 = 1.0 / self.num_steps if self.discrete else self.t_min
+        return torch.full((batch,), t0, device=device, dtype=dtype)
+
+    def sample_t(self, batch: int, device, generator=None, low_step: int = 1, dtype=torch.float32) -> torch.Tensor:
+        """Uniform training times: steps low_step..T (discrete) or U(t_min, 1) (continuous)."""
+        if self.discrete:
+            i = torch.randint(low_step, self.num_steps + 1, (batch,), device=device, generator=generator)
+            return i.to(dtype) / self.num_steps
+        u = torch.rand(batch, device=device, generator=generator, dtype=dtype)
+        return self.t_min + (1 - self.t_min) * u
+
+    # ---- objectives ------------------------------------------------------------------------------------------
+    def denoise(self, model_fn: ModelFn, x0, t, noise) -> DenoiseOutput:
+        """The simple loss ||target - output||^2 (mean over data dims) in the native parameterization."""
+        x_t = self.q_sample(x0, t, noise)
+        out = model_fn(x_t, t)
+        loss = ((out - self.target(x0, noise, t)) ** 2).reshape(x0.shape[0], -1).mean(dim=1)
+        return DenoiseOutput(loss=loss, x0_hat=self.predict_x0(out, x_t, t), x_t=x_t, t=t)
+
+    def prior_kl(self, x0: torch.Tensor) -> torch.Tensor:
+        """KL(q(x_T | x0) || N(0, I)) summed over data dims (Luo 2022, eq. 58, prior matching)."""
+        t = torch.ones(x0.shape[0], device=x0.device, dtype=x0.dtype)
+        a = _bcast(self.alpha_bar(t), x0)
+        return _sum_except_batch(gaussian_kl(a.sqrt() * x0, (1 - a).expand_as(x0),
+                                             torch.zeros_like(x0), torch.ones_like(x0)))
+
+    def diffusion_term(self, x0: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Unbiased one-sample estimate of the summed denoising-matching KLs from the x0 error at time t.
+
+        Discrete (t = i/T, i >= 2, drawn uniformly): (T - 1) * 1/2 (SNR(t_{i-1}) - SNR(t_i)) ||x0 - x0_hat||^2
+        (Luo 2022 eq. 108 in SNR form, Kingma et al. 2021 eq. 13). Continuous (t ~ U(t_min, 1)):
+        (1 - t_min) * -1/2 SNR'(t) ||x0 - x0_hat||^2 (Kingma et al. 2021 eq. 17).
+        """
+        err = _sum_except_batch((x0 - x0_hat) ** 2)
+        if self.discrete:
+            s = t - 1.0 / self.num_steps
+            return (self.num_steps - 1) * 0.5 * (self.snr(s) - self.snr(t)) * err
+        return (1 - self.t_min) * 0.5 * -self.snr_derivative(t) * err
+
+    def snr_derivative(self, t: torch.Tensor) -> torch.Tensor:
+        """d SNR / dt = SNR(t) * d log_snr / dt, by autograd through the schedule (continuous time)."""
+        with torch.enable_grad():
+            tt = t.detach().requires_grad_(True)
+            log_snr = self.schedule.log_snr(tt)
+            (grad,) = torch.autograd.grad(log_snr.sum(), tt, create_graph=self.schedule.learnable)
+        return (torch.exp(log_snr) * grad).to(t.dtype)
+
+    def gaussian_reconstruction(self, model_fn: ModelFn, x0, noise) -> torch.Tensor:
+        """-log p(x0 | x_1) with p(x0 | x_1) = N(x0_hat(x_1), 1/SNR(t_1) I): the decoder whose variance is that
+        of x0 given x_1 when x0 is known only through x_1 (the limit of the true posterior at high SNR)."""
+        t = self.first_t(x0.shape[0], x0.device, x0.dtype)
+        x_t = self.q_sample(x0, t, noise)
+        x0_hat = self.predict_x0(model_fn(x_t, t), x_t, t)
+        var = _bcast(1.0 / self.snr(t), x0).expand_as(x0)
+        return -_sum_except_batch(gaussian_log_prob(x0, x0_hat, var))
+
+    def elbo(self, model_fn: ModelFn, x0: torch.Tensor, reconstruction=None, t=None, generator=None) -> ELBOTerms:
+        """The three terms of -ELBO per example (Luo 2022, eq. 45), the diffusion term by one sample of t.
+
+        `reconstruction(model_fn, x0, noise) -> (B,)` is the modality's -log p(x0 | x_1); by default the
+        Gaussian decoder `gaussian_reconstruction`. `t` fixes the diffusion term's time (discrete: i >= 2).
+        """
+        reconstruction = reconstruction or self.gaussian_reconstruction
+        b = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        recon = reconstruction(model_fn, x0, noise)
+        if t is None:
+            t = self.sample_t(b, x0.device, generator=generator, low_step=2, dtype=x0.dtype)
+        if self.discrete and self.num_steps == 1:
+            diff = torch.zeros(b, device=x0.device, dtype=x0.dtype)
+        else:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x_t = self.q_sample(x0, t, noise)
+            diff = self.diffusion_term(x0, self.predict_x0(model_fn(x_t, t), x_t, t), t)
+        return ELBOTerms(reconstruction=recon, prior=self.prior_kl(x0), diffusion=diff)

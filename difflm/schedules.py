@@ -1,0 +1,175 @@
+"""Noise schedules as functions of continuous time t in [0, 1].
+
+A schedule defines the signal level alpha_bar(t) of the variance-preserving forward process
+q(x_t | x_0) = N(sqrt(alpha_bar(t)) x_0, (1 - alpha_bar(t)) I)   (Luo 2022, eq. 61),
+equivalently its log signal-to-noise ratio log_snr(t) = log(alpha_bar / (1 - alpha_bar)) (Kingma et al. 2021).
+
+A discrete process with T steps uses the grid t_i = i / T, i = 1..T. `discretize` builds that grid the way
+DDPM-family code (and Diffusion-LM) does: beta_i = min(1 - alpha_bar(t_i) / alpha_bar(t_{i-1}), max_beta) and
+alpha_bar_i = prod_{j<=i} (1 - beta_j), with alpha_bar(t_0) taken as 1 (x_0 is the data). Where no beta is
+clipped this equals alpha_bar(t_i).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import DifflmError
+
+
+class Schedule(nn.Module):
+    """Base class: subclasses implement `alpha_bar(t)` for t in [0, 1] (or `log_snr`)."""
+
+    name: str = ""
+    max_beta: float = 0.999
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.log_snr(t))
+
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        a = self.alpha_bar(t)
+        return torch.log(a) - torch.log1p(-a)
+
+    def discretize(self, num_steps: int) -> torch.Tensor:
+        """alpha_bar at t_i = i/T for i = 1..T, float64, with each beta clipped at `max_beta`."""
+        grid = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        a = self._grid_level(grid).to(torch.float64)
+        a[0] = 1.0
+        betas = torch.clamp(1.0 - a[1:] / a[:-1], max=self.max_beta)
+        return torch.cumprod(1.0 - betas, dim=0)
+
+    def _grid_level(self, grid: torch.Tensor) -> torch.Tensor:
+        """The function whose ratios give the discrete betas (alpha_bar itself unless a subclass says)."""
+        return self.alpha_bar(grid)
+
+    @property
+    def learnable(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
+
+
+class Linear(Schedule):
+    """Linear beta(t) of the VP SDE (Song et al. 2021): alpha_bar(t) = exp(-(b0 t + (b1 - b0) t^2 / 2)).
+
+    With T = 1000 its grid matches DDPM's betas linspace(1e-4, 0.02, T) to first order.
+    """
+
+    name = "linear"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        super().__init__()
+        self.beta_min, self.beta_max = beta_min, beta_max
+
+    def alpha_bar(self, t):
+        return torch.exp(-(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t))
+
+
+class Cosine(Schedule):
+    """Cosine schedule (Nichol & Dhariwal 2021, eq. 17): alpha_bar(t) = f(t) / f(0),
+    f(t) = cos^2((t + s) / (1 + s) * pi / 2)."""
+
+    name = "cosine"
+
+    def __init__(self, offset: float = 0.008):
+        super().__init__()
+        self.offset = offset
+
+    def _f(self, t):
+        return torch.cos((t + self.offset) / (1 + self.offset) * math.pi / 2) ** 2
+
+    def alpha_bar(self, t):
+        t = torch.as_tensor(t)
+        return self._f(t) / self._f(torch.zeros_like(t))
+
+
+class Sqrt(Schedule):
+    """Diffusion-LM's schedule (Li et al. 2022, sec. 4.2): alpha_bar(t) = 1 - sqrt(t + s), s = 1e-4.
+
+    Diffusion-LM discretizes it with `betas_for_alpha_bar(T, lambda t: 1 - sqrt(t + 1e-4))`, i.e. the generic
+    `discretize` with beta clipped at 0.999; as a continuous process we use the same function normalised by its
+    value at 0, which is what the discrete grid converges to. Past t = 1 - s the function is negative: there the
+    level is floored at `floor` (the clipped discrete grid ends at a comparably tiny alpha_bar).
+    """
+
+    name = "sqrt"
+
+    def __init__(self, offset: float = 1e-4, floor: float = 1e-8):
+        super().__init__()
+        self.offset, self.floor = offset, floor
+
+    def _f(self, t):
+        return 1.0 - torch.sqrt(t + self.offset)
+
+    def alpha_bar(self, t):
+        t = torch.as_tensor(t)
+        return torch.clamp(self._f(t) / self._f(torch.zeros_like(t)), min=self.floor)
+
+    def _grid_level(self, grid):
+        # the raw function, exactly as Diffusion-LM feeds it to betas_for_alpha_bar: normalised by f(0) (as
+        # alpha_bar) but not floored, so that the negative values past t = 1 - s clip the last betas as there
+        return self._f(grid) / self._f(torch.zeros_like(grid))
+
+
+class LogSNRLinear(Schedule):
+    """log_snr(t) linear from `log_snr_max` at t=0 to `log_snr_min` at t=1 (VDM's fixed baseline schedule).
+
+    Unlike the others it keeps a finite SNR at t = 0, so the continuous-time ELBO needs no t_min.
+    """
+
+    name = "logsnr-linear"
+
+    def __init__(self, log_snr_max: float = 10.0, log_snr_min: float = -10.0):
+        super().__init__()
+        self.log_snr_max, self.log_snr_min = log_snr_max, log_snr_min
+
+    def log_snr(self, t):
+        return self.log_snr_max + (self.log_snr_min - self.log_snr_max) * t
+
+
+class _PositiveLinear(nn.Linear):
+    def forward(self, x):
+        return nn.functional.linear(x, nn.functional.softplus(self.weight), self.bias)
+
+
+class Learned(Schedule):
+    """Learned monotone log-SNR (Kingma et al. 2021, appendix H): gamma(t) = -log_snr(t) is a monotone network
+    l1(t) + l3(phi(l2(l1(t)))) with positive weights, rescaled so that log_snr(0) = log_snr_max and
+    log_snr(1) = log_snr_min (both learnable endpoints)."""
+
+    name = "learned"
+
+    def __init__(self, log_snr_max: float = 10.0, log_snr_min: float = -10.0, hidden: int = 1024):
+        super().__init__()
+        self.gamma_0 = nn.Parameter(torch.tensor(-float(log_snr_max)))
+        self.gamma_1 = nn.Parameter(torch.tensor(-float(log_snr_min)))
+        self.l1 = _PositiveLinear(1, 1)
+        self.l2 = _PositiveLinear(1, hidden)
+        self.l3 = _PositiveLinear(hidden, 1, bias=False)
+        with torch.no_grad():
+            self.l3.weight.fill_(-10.0)  # softplus(-10) ~ 0: starts as the linear log-SNR schedule
+
+    def _gamma_tilde(self, t):
+        h = self.l1(t[..., None])
+        return (h + self.l3(torch.sigmoid(self.l2(h))))[..., 0]
+
+    def log_snr(self, t):
+        t = torch.as_tensor(t, dtype=self.gamma_0.dtype, device=self.gamma_0.device)
+        g0, g1 = self._gamma_tilde(torch.zeros_like(t)), self._gamma_tilde(torch.ones_like(t))
+        unit = (self._gamma_tilde(t) - g0) / (g1 - g0)
+        return -(self.gamma_0 + (self.gamma_1 - self.gamma_0) * unit)
+
+    def discretize(self, num_steps: int) -> torch.Tensor:
+        grid = torch.arange(1, num_steps + 1, dtype=self.gamma_0.dtype, device=self.gamma_0.device) / num_steps
+        return self.alpha_bar(grid)
+
+
+SCHEDULES = {cls.name: cls for cls in (Linear, Cosine, Sqrt, LogSNRLinear, Learned)}
+
+
+def get_schedule(name: str) -> Schedule:
+    """The schedule called `name` with its default parameters."""
+    if name not in SCHEDULES:
+        raise DifflmError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[name]()
