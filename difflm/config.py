@@ -1,0 +1,172 @@
+"""Experiment configuration: frozen dataclasses loaded from YAML plus `section.key=value` overrides.
+
+Unknown keys are rejected with the closest valid key suggested; values are coerced to the field's type (PyYAML
+reads `1e-4` as a string, and overrides arrive as strings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import yaml
+
+from .errors import DifflmError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "builtin:restaurants"  # builtin:NAME, a local .csv/.json/.jsonl/.txt file, or a Hub dataset id
+    dev_source: str = ""  # a local file for held-out text; empty: `dev_split` of a Hub dataset, else a held-out share
+    train_split: str = "train"
+    dev_split: str = "validation"
+    dev_fraction: float = 0.02  # share of the training text held out when there is no dev source or split
+    text_column: str = "text"  # `ref` in the local E2E CSVs, `human_reference` on the Hub
+    seq_len: int = 32  # START + tokens + END + PAD
+    tokenizer: str = ""  # empty: train a word-level tokenizer; else a local Hugging Face tokenizer directory
+    min_freq: int = 1  # words seen fewer times become UNK
+    lowercase: bool = False
+    max_train_examples: int = 0  # 0: all
+    builtin_train: int = 20000  # sentences drawn from the embedded grammar
+    builtin_dev: int = 1000
+    builtin_seed: int = 1234
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    embed_dim: int = 16
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    dropout: float = 0.1
+    attn_implementation: str = "sdpa"
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    schedule: str = "sqrt"
+    num_steps: int = 2000
+    prediction: str = "x0"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    engine: str = "torch"
+    out_dir: str = "runs/default"
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_steps: int = 1000
+    max_minutes: float = 0.0  # stop early after this much wall time (0: no limit); the log says so
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 4
+    save_every: int = 1000
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _suggest(name: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(options)}"
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin_args = typing.get_args(typ)
+    if typing.get_origin(typ) is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        typ = next(a for a in origin_args if a is not type(None))
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise DifflmError(f"{where}: unsupported type {typ}")
+    raise DifflmError(f"{where} must be {typ.__name__}, got {value!r}")
+
+
+def _build(cls, values: Dict[str, Any], prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise DifflmError(f"unknown config key {prefix}{key!r}{_suggest(key, names)}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise DifflmError(f"config section {prefix}{key} must be a mapping, got {value!r}")
+            kwargs[key] = _build(typ, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, typ, f"config key {prefix}{key}")
+    return cls(**kwargs)
+
+
+def _apply_override(tree: Dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise DifflmError(f"override {override!r} must look like section.key=value (for example train.lr=3e-4)")
+    dotted, value = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise DifflmError(f"override {override!r}: {part} is not a config section")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """The Config from a YAML file (or the defaults) with `section.key=value` overrides applied."""
+    tree: Dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise DifflmError(f"config file {path} not found; pass --config configs/NAME.yaml")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise DifflmError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise DifflmError(f"config file {path} must hold a mapping of sections")
+    for o in overrides:
+        _apply_override(tree, o)
+    return _build(Config, tree, "")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

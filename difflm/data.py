@@ -1,0 +1,155 @@
+"""Text data: the only user of `datasets`. Load text (embedded grammar, local file, or Hub id), build or load a
+tokenizer, and encode fixed-length sequences START + tokens + END + PAD."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Tuple
+
+import torch
+
+from .config import DataConfig
+from .errors import DifflmError
+
+log = logging.getLogger(__name__)
+
+LOCAL_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text"}
+SPECIALS = {"start": "[START]", "end": "[END]", "pad": "[PAD]", "unk": "[UNK]"}
+
+
+@dataclass
+class TextSplits:
+    train: List[str]
+    dev: List[str]
+
+
+def _looks_local(source: str) -> bool:
+    return (source.startswith((".", "/", "~")) or Path(source).suffix.lower() in LOCAL_BUILDERS
+            or Path(source).exists())
+
+
+def _load_dataset(source: str, split: str):
+    import datasets  # heavy; only here
+
+    datasets.disable_progress_bars()
+    if _looks_local(source):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise DifflmError(f"data path {source} does not exist; check data.source / data.dev_source")
+        builder = LOCAL_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DifflmError(f"data file {source} has an unsupported type; use .csv, .json, .jsonl or .txt")
+        if path.is_file() and sum(1 for line in path.open(errors="replace") if line.strip()) <= (builder == "csv"):
+            raise DifflmError(f"dataset {source} is empty: it has no rows")
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as e:  # malformed files surface as many exception types inside datasets
+            raise DifflmError(f"could not read {source}: {str(e).splitlines()[0]}") from None
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as e:
+        raise DifflmError(f"could not load Hub dataset {source!r} split {split!r} (a local path must exist; "
+                          f"a Hub id needs the network or the datasets cache): {str(e).splitlines()[0]}") from None
+
+
+def _column(ds, column: str, source: str) -> List[str]:
+    if column not in ds.column_names:
+        raise DifflmError(f"text column {column!r} not in {source}; its columns are {', '.join(ds.column_names)}: "
+                          f"set data.text_column to one of them")
+    texts = [t for t in ds[column] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise DifflmError(f"dataset {source} is empty: no non-empty text in column {column!r}")
+    return texts
+
+
+def load_texts(cfg: DataConfig) -> TextSplits:
+    """Training and held-out text as configured (see DataConfig)."""
+    if cfg.source.startswith("builtin:"):
+        from .grammar import BUILTIN, builtin_grammar
+
+        name = cfg.source.split(":", 1)[1]
+        if name not in BUILTIN:
+            raise DifflmError(f"unknown builtin corpus {name!r}; choose one of {', '.join(BUILTIN)}")
+        g = builtin_grammar(name)
+        return TextSplits(train=g.corpus(cfg.builtin_train, cfg.builtin_seed),
+                          dev=g.corpus(cfg.builtin_dev, cfg.builtin_seed + 1))
+    column = cfg.text_column
+    train = _column(_load_dataset(cfg.source, cfg.train_split), column, cfg.source)
+    if cfg.dev_source:
+        dev = _column(_load_dataset(cfg.dev_source, cfg.dev_split), column, cfg.dev_source)
+    elif not _looks_local(cfg.source):
+        dev = _column(_load_dataset(cfg.source, cfg.dev_split), column, f"{cfg.source}[{cfg.dev_split}]")
+    else:
+        n_dev = max(1, int(len(train) * cfg.dev_fraction))
+        if len(train) < 2:
+            raise DifflmError(f"dataset {cfg.source} has {len(train)} text; need at least 2 to hold one out")
+        train, dev = train[n_dev:], train[:n_dev]
+    if cfg.max_train_examples:
+        train = train[: cfg.max_train_examples]
+    return TextSplits(train=train, dev=dev)
+
+
+def build_tokenizer(texts: List[str], min_freq: int = 1, lowercase: bool = False):
+    """A word-level tokenizer trained on `texts` (whitespace, then punctuation split off) with the specials."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk"]))
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    trainer = trainers.WordLevelTrainer(min_frequency=min_freq, special_tokens=list(SPECIALS.values()))
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS["start"], eos_token=SPECIALS["end"],
+                                   pad_token=SPECIALS["pad"], unk_token=SPECIALS["unk"])
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise DifflmError(f"tokenizer directory {path} not found; give a local Hugging Face tokenizer directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise DifflmError(f"could not load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    if tok.bos_token_id is None and tok.cls_token_id is not None:
+        tok.bos_token = tok.cls_token
+    if tok.eos_token_id is None and tok.sep_token_id is not None:
+        tok.eos_token = tok.sep_token
+    if None in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id):
+        raise DifflmError(f"tokenizer {path} needs start (bos/cls), end (eos/sep) and pad tokens")
+    return tok
+
+
+def special_ids(tokenizer) -> Tuple[int, int, int]:
+    """(start, end, pad) token ids."""
+    return tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+
+
+def encode(texts: List[str], tokenizer, seq_len: int) -> Tuple[torch.Tensor, int]:
+    """(N, seq_len) ids of START + tokens + END + PAD..., and how many texts were truncated to fit."""
+    if seq_len < 3:
+        raise DifflmError(f"sequence length must be at least 3 (START, one token, END), got {seq_len}")
+    start, end, pad = special_ids(tokenizer)
+    body = seq_len - 2
+    out = torch.full((len(texts), seq_len), pad, dtype=torch.long)
+    truncated = 0
+    for i, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        if len(ids) > body:
+            ids, truncated = ids[:body], truncated + 1
+        out[i, : len(ids) + 2] = torch.tensor([start, *ids, end])
+    return out, truncated
+
+
+def decode(ids: List[int], tokenizer) -> str:
+    """Text of one generated sequence: START dropped, cut at the first END, PAD removed."""
+    start, end, pad = special_ids(tokenizer)
+    if ids and ids[0] == start:
+        ids = ids[1:]
+    if end in ids:
+        ids = ids[: ids.index(end)]
+    return tokenizer.decode([i for i in ids if i not in (pad, start)], skip_special_tokens=False).strip()

@@ -1,0 +1,93 @@
+"""Hugging Face classes of the text model: TextDiffusionConfig / TextDiffusionModel.
+
+The model holds the word embedding (the space diffusion runs in), a BERT-style transformer denoiser built from
+transformers' configuration classes, input/output projections, a sinusoidal time embedding, the rounding head
+(tied to the embedding) and its GaussianDiffusion, so `from_pretrained` rebuilds everything from the directory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedModel
+
+from .diffusion import GaussianDiffusion
+from .rounding import rounding_logits
+from .schedules import get_schedule
+
+
+class TextDiffusionConfig(PretrainedConfig):
+    model_type = "difflm-text"
+
+    def __init__(self, vocab_size: int = 100, seq_len: int = 64, embed_dim: int = 16, hidden_size: int = 768,
+                 num_layers: int = 12, num_heads: int = 12, intermediate_size: int = 3072, dropout: float = 0.1,
+                 schedule: str = "sqrt", num_steps: int = 2000, prediction: str = "x0",
+                 start_id: int = 0, end_id: int = 1, pad_id: int = 2, denoiser_attn: str = "sdpa", **kwargs):
+        self.vocab_size, self.seq_len, self.embed_dim = vocab_size, seq_len, embed_dim
+        self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
+        self.intermediate_size, self.dropout = intermediate_size, dropout
+        self.schedule, self.num_steps, self.prediction = schedule, num_steps, prediction
+        self.start_id, self.end_id, self.pad_id = start_id, end_id, pad_id
+        self.denoiser_attn = denoiser_attn
+        super().__init__(**kwargs)
+
+    def denoiser_config(self) -> BertConfig:
+        return BertConfig(vocab_size=1, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
+                          num_attention_heads=self.num_heads, intermediate_size=self.intermediate_size,
+                          hidden_dropout_prob=self.dropout, attention_probs_dropout_prob=self.dropout,
+                          max_position_embeddings=self.seq_len, type_vocab_size=1,
+                          attn_implementation=self.denoiser_attn)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
+    """Sinusoidal features of t in [0, 1] (scaled to [0, 1000] as in DDPM): (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * scale)[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return nn.functional.pad(emb, (0, dim % 2))
+
+
+class TextDiffusionModel(PreTrainedModel):
+    config_class = TextDiffusionConfig
+    base_model_prefix = "difflm"
+    _supports_sdpa = True
+
+    def __init__(self, config: TextDiffusionConfig):
+        super().__init__(config)
+        d, h = config.embed_dim, config.hidden_size
+        self.embedding = nn.Embedding(config.vocab_size, d)
+        self.input_proj = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, h))
+        self.time_embed = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h))
+        self.denoiser = BertModel(config.denoiser_config(), add_pooling_layer=False)
+        self.output_proj = nn.Sequential(nn.Linear(h, h), nn.Tanh(), nn.Linear(h, d))
+        self.diffusion = GaussianDiffusion(get_schedule(config.schedule), config.num_steps, config.prediction)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if module is self.embedding:
+            nn.init.normal_(module.weight, std=1.0)  # Diffusion-LM keeps nn.Embedding's N(0, 1)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(ids)  # (B, L, d)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return rounding_logits(x, self.embedding.weight)  # (B, L, V)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output (an x0 / eps / score / v prediction per config.prediction): (B, L, d)."""
+        temb = self.time_embed(timestep_embedding(t, self.config.hidden_size))  # (B, H)
+        h = self.input_proj(x_t) + temb[:, None, :]  # (B, L, H); BERT's embeddings add positions + LayerNorm
+        h = self.denoiser(inputs_embeds=h).last_hidden_state  # (B, L, H)
+        return self.output_proj(h)  # (B, L, d)

@@ -1,0 +1,129 @@
+"""The text objective of Diffusion-LM on the generic core, text generation, and model directories."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+
+from .data import decode
+from .errors import DifflmError
+from .files import AtomicDir
+from .modeling import TextDiffusionConfig, TextDiffusionModel
+from .rounding import nearest_embedding, round_to_tokens, rounding_nll
+from .sampling import sample
+
+
+@dataclass
+class TextLoss:
+    """Batch means of Diffusion-LM's end-to-end loss and its parts (per token position)."""
+
+    loss: torch.Tensor  # scalar, differentiable
+    denoising: torch.Tensor
+    rounding: torch.Tensor
+    prior: torch.Tensor
+
+
+def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[torch.Generator] = None) -> TextLoss:
+    """Diffusion-LM's end-to-end objective (Li et al. 2022, eq. 2) for token ids (B, L).
+
+    The latent chain is w -> x0 -> x_1 .. x_T with q(x0 | w) = N(Emb(w), (1 - abar_1) I): the embedding plus
+    the schedule's first-step noise. The ELBO of log p(w) is then (Luo 2022 eq. 45 with the extra x0 level)
+
+        E_q[ log p(w | x0) ] + E_q[ log p(x0 | x_1) ] - sum_t KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))
+        - KL(q(x_T | x0) || N(0, I)) + H(q(x0 | w)).
+
+    Each denoising KL is 1/2 (SNR_{t-1} - SNR_t) ||x0 - x0_hat||^2; like Diffusion-LM (and DDPM's L_simple) we
+    drop the weights and average ||target - output||^2 over a uniformly drawn step. At the first step the decoder
+    p(x0 | x_1) is scored against the embedding Emb(w), the mean of q(x0 | w), as Diffusion-LM does. The rounding
+    term is the cross-entropy of the tied head on x0; the prior KL keeps only its x0-dependent part
+    abar_T ||x0||^2 (the rest, and the entropy H(q(x0|w)), are constants). All parts are means per position.
+    """
+    diffusion = model.diffusion
+    emb = model.embed(ids)  # (B, L, d)
+    b = ids.shape[0]
+    t1 = diffusion.first_t(b, ids.device, emb.dtype)
+    sigma0 = (1 - diffusion.alpha_bar(t1)).sqrt()[:, None, None]
+    x0 = emb + sigma0 * torch.randn(emb.shape, generator=generator, device=emb.device, dtype=emb.dtype)
+    t = diffusion.sample_t(b, ids.device, generator=generator, dtype=emb.dtype)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    out = diffusion.denoise(model, x0, t, noise)
+    first_step = ((emb - out.x0_hat) ** 2).mean(dim=(1, 2))
+    denoising = torch.where(t == t1, first_step, out.loss).mean()
+    rounding = rounding_nll(x0, model.embedding.weight, ids).mean() / ids.shape[1]
+    a_T = diffusion.alpha_bar(torch.ones_like(t1))[:, None, None]
+    prior = (a_T * x0 ** 2).mean()
+    return TextLoss(loss=denoising + rounding + prior, denoising=denoising.detach(), rounding=rounding.detach(),
+                    prior=prior.detach())
+
+
+@dataclass
+class Sample:
+    text: str
+    ids: List[int]
+
+
+@torch.no_grad()
+def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Optional[int] = None,
+             sampler: str = "ddpm", clamp: bool = False, seed: int = 0, batch_size: int = 64,
+             progress: Optional[Callable[[int], None]] = None) -> List[Sample]:
+    """Fixed-length samples decoded through the rounding head (argmax), START dropped, cut at END.
+
+    `sampler`: ddpm (ancestral) or ddim (eta = 0). `clamp`: replace each x0 estimate by its nearest word
+    embeddings (Diffusion-LM's clamping trick). `progress(n)` is called after each batch of n samples.
+    """
+    if num_samples < 1:
+        raise DifflmError(f"--num-samples must be positive, got {num_samples}")
+    if batch_size < 1:
+        raise DifflmError(f"--batch-size must be positive, got {batch_size}")
+    if sampler not in ("ddpm", "ddim"):
+        raise DifflmError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+    model.eval()
+    cfg = model.config
+    weight = model.embedding.weight
+    denoise_fn = (lambda x0, t: nearest_embedding(x0, weight)) if clamp else None
+    eta = 1.0 if sampler == "ddpm" else 0.0
+    generator = torch.Generator(device=weight.device).manual_seed(seed)
+    out: List[Sample] = []
+    while len(out) < num_samples:
+        b = min(batch_size, num_samples - len(out))
+        x = sample(model.diffusion, model, (b, cfg.seq_len, cfg.embed_dim), steps=steps, eta=eta,
+                   denoise_fn=denoise_fn, generator=generator, device=weight.device, dtype=weight.dtype)
+        for row in round_to_tokens(x, weight).tolist():
+            out.append(Sample(text=decode(row, tokenizer), ids=row))
+        if progress:
+            progress(b)
+    return out
+
+
+# ---- model directories -------------------------------------------------------------------------------------------
+def save_model(model: TextDiffusionModel, tokenizer, path, extra_files: Optional[dict] = None) -> None:
+    """save_pretrained of weights + config + tokenizer into `path`, atomically."""
+    with AtomicDir(Path(path)) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+
+
+def load_model(path, device="cpu"):
+    """(model, tokenizer) from a directory written by `save_model`; no network."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not p.is_dir():
+        raise DifflmError(f"model directory {path} does not exist; train one with `difflm train`")
+    cfg_file = p / "config.json"
+    try:
+        model_type = json.loads(cfg_file.read_text()).get("model_type") if cfg_file.is_file() else None
+    except json.JSONDecodeError:
+        model_type = None
+    if model_type != TextDiffusionConfig.model_type:
+        raise DifflmError(f"{path} is not a difflm model directory (no config.json with model_type "
+                          f"{TextDiffusionConfig.model_type!r}); give the out_dir of `difflm train`")
+    model = TextDiffusionModel.from_pretrained(p, local_files_only=True).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    return model.eval(), tokenizer

@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: Hub lookups fail fast instead of hanging.
+for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[var] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A model trained for a few steps with configs/tiny.yaml through the CLI (shared by the tests)."""
+    from difflm.cli import main
+
+    out = tmp_path_factory.mktemp("tiny")
+    assert main(["train", "--config", str(ROOT / "configs" / "tiny.yaml"), f"train.out_dir={out}",
+                 "--no-progress"]) == 0
+    return out
