@@ -59,7 +59,9 @@ def cmd_generate(args) -> None:
 
     if args.num_samples < 1:
         raise DifflmError(f"--num-samples must be positive, got {args.num_samples}")
-    model, tokenizer = load_model(resolve_model_dir(args.model))
+    from .train import resolve_device
+
+    model, tokenizer = load_model(resolve_model_dir(args.model), device=resolve_device(args.device))
     with tqdm(total=args.num_samples, desc="generate", disable=args.no_progress, dynamic_ncols=True) as bar:
         samples = generate(model, tokenizer, args.num_samples, steps=args.steps, sampler=args.sampler,
                            clamp=args.clamp, seed=args.seed, batch_size=args.batch_size, progress=bar.update)
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--show", type=int, default=0, help="also print the first N samples")
+    g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=cmd_generate)
 

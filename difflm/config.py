@@ -45,6 +45,7 @@ class ModelConfig:
     intermediate_size: int = 512
     dropout: float = 0.1
     attn_implementation: str = "sdpa"
+    self_condition: bool = False  # feed the previous x0 estimate back in (not in Diffusion-LM's recipe)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class DiffusionConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     engine: str = "torch"
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
     out_dir: str = "runs/default"
     seed: int = 0
     batch_size: int = 64

@@ -8,6 +8,7 @@ transformers' configuration classes, input/output projections, a sinusoidal time
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -24,13 +25,14 @@ class TextDiffusionConfig(PretrainedConfig):
     def __init__(self, vocab_size: int = 100, seq_len: int = 64, embed_dim: int = 16, hidden_size: int = 768,
                  num_layers: int = 12, num_heads: int = 12, intermediate_size: int = 3072, dropout: float = 0.1,
                  schedule: str = "sqrt", num_steps: int = 2000, prediction: str = "x0",
-                 start_id: int = 0, end_id: int = 1, pad_id: int = 2, denoiser_attn: str = "sdpa", **kwargs):
+                 start_id: int = 0, end_id: int = 1, pad_id: int = 2, denoiser_attn: str = "sdpa",
+                 self_condition: bool = False, **kwargs):
         self.vocab_size, self.seq_len, self.embed_dim = vocab_size, seq_len, embed_dim
         self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
         self.intermediate_size, self.dropout = intermediate_size, dropout
         self.schedule, self.num_steps, self.prediction = schedule, num_steps, prediction
         self.start_id, self.end_id, self.pad_id = start_id, end_id, pad_id
-        self.denoiser_attn = denoiser_attn
+        self.denoiser_attn, self.self_condition = denoiser_attn, self_condition
         super().__init__(**kwargs)
 
     def denoiser_config(self) -> BertConfig:
@@ -59,7 +61,8 @@ class TextDiffusionModel(PreTrainedModel):
         super().__init__(config)
         d, h = config.embed_dim, config.hidden_size
         self.embedding = nn.Embedding(config.vocab_size, d)
-        self.input_proj = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, h))
+        d_in = 2 * d if config.self_condition else d  # self-conditioning also reads the previous x0 estimate
+        self.input_proj = nn.Sequential(nn.Linear(d_in, h), nn.Tanh(), nn.Linear(h, h))
         self.time_embed = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h))
         self.denoiser = BertModel(config.denoiser_config(), add_pooling_layer=False)
         self.output_proj = nn.Sequential(nn.Linear(h, h), nn.Tanh(), nn.Linear(h, d))
@@ -85,9 +88,15 @@ class TextDiffusionModel(PreTrainedModel):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return rounding_logits(x, self.embedding.weight)  # (B, L, V)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The denoiser's output (an x0 / eps / score / v prediction per config.prediction): (B, L, d)."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, x0_self: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The denoiser's output (an x0 / eps / score / v prediction per config.prediction): (B, L, d).
+
+        With `config.self_condition` (Chen et al. 2023, "Analog Bits") the network also reads `x0_self`, its own
+        previous estimate of x0 (zeros when absent).
+        """
         temb = self.time_embed(timestep_embedding(t, self.config.hidden_size))  # (B, H)
+        if self.config.self_condition:
+            x_t = torch.cat([x_t, torch.zeros_like(x_t) if x0_self is None else x0_self], dim=-1)  # (B, L, 2d)
         h = self.input_proj(x_t) + temb[:, None, :]  # (B, L, H); BERT's embeddings add positions + LayerNorm
         h = self.denoiser(inputs_embeds=h).last_hidden_state  # (B, L, H)
         return self.output_proj(h)  # (B, L, d)

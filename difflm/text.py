@@ -50,7 +50,7 @@ def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
     x0 = emb + sigma0 * torch.randn(emb.shape, generator=generator, device=emb.device, dtype=emb.dtype)
     t = diffusion.sample_t(b, ids.device, generator=generator, dtype=emb.dtype)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    out = diffusion.denoise(model, x0, t, noise)
+    out = diffusion.denoise(_training_model_fn(model, generator), x0, t, noise)
     first_step = ((emb - out.x0_hat) ** 2).mean(dim=(1, 2))
     denoising = torch.where(t == t1, first_step, out.loss).mean()
     rounding = rounding_nll(x0, model.embedding.weight, ids).mean() / ids.shape[1]
@@ -58,6 +58,37 @@ def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
     prior = (a_T * x0 ** 2).mean()
     return TextLoss(loss=denoising + rounding + prior, denoising=denoising.detach(), rounding=rounding.detach(),
                     prior=prior.detach())
+
+
+def _training_model_fn(model: TextDiffusionModel, generator: Optional[torch.Generator]):
+    """The model as a model_fn; with self-conditioning, half the batches first make an x0 estimate without
+    gradient and condition on it, so the network learns both to start and to refine (Chen et al. 2023)."""
+    if not model.config.self_condition:
+        return model
+    use = torch.rand((), generator=generator, device=generator.device if generator else None) < 0.5
+
+    def model_fn(x_t, t):
+        if not use:
+            return model(x_t, t)
+        with torch.no_grad():
+            x0_self = model.diffusion.predict_x0(model(x_t, t), x_t, t)
+        return model(x_t, t, x0_self=x0_self)
+
+    return model_fn
+
+
+class _SamplingModelFn:
+    """The model as a model_fn for a sampler; with self-conditioning it feeds back its previous x0 estimate."""
+
+    def __init__(self, model: TextDiffusionModel):
+        self.model, self.previous = model, None
+
+    def __call__(self, x_t, t):
+        if not self.model.config.self_condition:
+            return self.model(x_t, t)
+        out = self.model(x_t, t, x0_self=self.previous)
+        self.previous = self.model.diffusion.predict_x0(out, x_t, t)
+        return out
 
 
 @dataclass
@@ -90,7 +121,7 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
     out: List[Sample] = []
     while len(out) < num_samples:
         b = min(batch_size, num_samples - len(out))
-        x = sample(model.diffusion, model, (b, cfg.seq_len, cfg.embed_dim), steps=steps, eta=eta,
+        x = sample(model.diffusion, _SamplingModelFn(model), (b, cfg.seq_len, cfg.embed_dim), steps=steps, eta=eta,
                    denoise_fn=denoise_fn, generator=generator, device=weight.device, dtype=weight.dtype)
         for row in round_to_tokens(x, weight).tolist():
             out.append(Sample(text=decode(row, tokenizer), ids=row))

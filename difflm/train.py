@@ -10,12 +10,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-
 import torch
 from tqdm.auto import tqdm
 
@@ -103,7 +100,7 @@ def build_model(cfg: Config, tokenizer) -> TextDiffusionModel:
                                intermediate_size=m.intermediate_size, dropout=m.dropout,
                                schedule=cfg.diffusion.schedule, num_steps=cfg.diffusion.num_steps,
                                prediction=cfg.diffusion.prediction, start_id=start, end_id=end, pad_id=pad,
-                               denoiser_attn=m.attn_implementation)
+                               denoiser_attn=m.attn_implementation, self_condition=m.self_condition)
     if m.hidden_size % m.num_heads:
         raise DifflmError(f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
     return TextDiffusionModel(mcfg)
@@ -119,6 +116,19 @@ def dev_loss(model: TextDiffusionModel, ids: torch.Tensor, batch_size: int, batc
               for i in range(0, min(len(ids), batch_size * batches), batch_size)]
     model.train(was_training)
     return sum(losses) / len(losses)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is cuda when a GPU is visible, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DifflmError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DifflmError(f"device {name!r} requested but no CUDA GPU is visible; use device=auto or cpu")
+    return device
 
 
 def _check(cfg: Config) -> None:
@@ -139,8 +149,10 @@ def train(cfg: Config, show_progress: bool = True) -> TrainResult:
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
+    device = resolve_device(t.device)
     tokenizer, train_ids, dev_ids = prepare_data(cfg)
-    model = build_model(cfg, tokenizer).train()
+    train_ids, dev_ids = train_ids.to(device), dev_ids.to(device)
+    model = build_model(cfg, tokenizer).to(device).train()
     log.info("model: %.2fM parameters (denoiser %d x %d, embedding dim %d), %s schedule, T=%s, predicts %s",
              sum(p.numel() for p in model.parameters()) / 1e6, cfg.model.num_layers, cfg.model.hidden_size,
              cfg.model.embed_dim, cfg.diffusion.schedule, cfg.diffusion.num_steps, cfg.diffusion.prediction)
@@ -150,13 +162,14 @@ def train(cfg: Config, show_progress: bool = True) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     metrics = (out / "metrics.jsonl").open("w")
-    g = torch.Generator().manual_seed(t.seed)
-    order, cursor = torch.randperm(len(train_ids), generator=g), 0
+    g = torch.Generator(device=device).manual_seed(t.seed)
+    order_g = torch.Generator().manual_seed(t.seed)
+    order, cursor = torch.randperm(len(train_ids), generator=order_g).to(device), 0
     start_time, step, stopped_by_time, last_dev = time.time(), 0, False, float("nan")
     bar = tqdm(total=t.max_steps, desc="train", disable=not show_progress, dynamic_ncols=True)
     while step < t.max_steps:
         if cursor + t.batch_size > len(order):
-            order, cursor = torch.randperm(len(train_ids), generator=g), 0
+            order, cursor = torch.randperm(len(train_ids), generator=order_g).to(device), 0
         batch = train_ids[order[cursor: cursor + t.batch_size]]
         cursor += t.batch_size
         losses = text_loss(model, batch, generator=g)

@@ -127,3 +127,17 @@ def test_generate_is_seeded_batched_and_fixed_length(tokenizer):
     assert all(len(s.ids) == 16 for s in a + c)
     with pytest.raises(DifflmError, match="--num-samples must be positive"):
         generate(model, tokenizer, 0)
+
+
+def test_self_conditioning_reads_the_previous_estimate(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = small_model(tokenizer, **{"model.self_condition": "true"}).eval()
+    x, t = torch.randn(2, 16, 8), torch.tensor([0.3, 0.9])
+    assert not torch.allclose(model(x, t), model(x, t, x0_self=torch.randn(2, 16, 8)))
+    torch.testing.assert_close(model(x, t), model(x, t, x0_self=torch.zeros(2, 16, 8)))
+    ids, _ = encode(TEXTS * 4, tokenizer, 16)
+    for seed in range(4):  # both halves of the coin
+        assert torch.isfinite(text_loss(model, ids, generator=torch.Generator().manual_seed(seed)).loss)
+    save_model(model, tokenizer, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.config.self_condition and len(generate(loaded, tokenizer, 3, steps=5)) == 3
