@@ -1,0 +1,67 @@
+"""The training loop's parts: LR schedule, EMA, time budget, determinism, devices."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from difflm.config import TrainConfig, load_config
+from difflm.errors import DifflmError
+from difflm.train import EMA, lr_factor, resolve_device, train
+
+from conftest import ROOT
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def test_lr_warms_up_then_decays_to_zero():
+    cfg = TrainConfig(warmup_steps=10, max_steps=110)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.5) and lr_factor(110, cfg) == 0.0
+
+
+def test_ema_warm_up_and_decay():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, step=0)  # decay min(0.9, 1/10) = 0.1
+    assert ema.model.weight.item() == pytest.approx(0.9)
+    ema.update(model, step=1000)  # decay 0.9
+    assert ema.model.weight.item() == pytest.approx(0.9 + 0.1 * 0.1)
+    assert not ema.model.weight.requires_grad
+
+
+def test_same_seed_same_run_and_time_budget_stops_with_a_checkpoint(tmp_path, caplog):
+    runs = []
+    for name in ("a", "b"):
+        cfg = load_config(TINY, [f"train.out_dir={tmp_path / name}", "train.max_steps=10", "train.eval_every=5"])
+        train(cfg, show_progress=False)
+        runs.append([json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+    assert [r["loss"] for r in runs[0] if "loss" in r] == [r["loss"] for r in runs[1] if "loss" in r]
+    cfg = load_config(TINY, [f"train.out_dir={tmp_path / 'c'}", "train.max_steps=100000", "train.max_minutes=0.0001"])
+    logger = logging.getLogger("difflm")  # the CLI stops propagation to the root logger; listen here directly
+    logger.addHandler(caplog.handler)
+    try:
+        result = train(cfg, show_progress=False)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert result.stopped_by_time and result.steps < 100000 and (result.model_dir / "model.safetensors").is_file()
+    assert "train.max_minutes=0.0001 reached" in caplog.text
+
+
+def test_device_names_are_checked():
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(DifflmError, match="unknown device"):
+        resolve_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(DifflmError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_unknown_engine_is_rejected(tmp_path):
+    with pytest.raises(DifflmError, match="train.engine 'jax'"):
+        train(load_config(TINY, [f"train.out_dir={tmp_path}", "train.engine=jax"]), show_progress=False)
