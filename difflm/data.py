@@ -38,6 +38,11 @@ def _load_dataset(source: str, split: str):
         path = Path(source).expanduser()
         if not path.exists():
             raise DifflmError(f"data path {source} does not exist; check data.source / data.dev_source")
+        if path.is_dir():  # a dataset repository on disk (a Hub snapshot, or split files such as train.csv)
+            try:
+                return datasets.load_dataset(str(path), split=split)
+            except Exception as e:
+                raise DifflmError(f"could not load split {split!r} of {source}: {str(e).splitlines()[0]}") from None
         builder = LOCAL_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise DifflmError(f"data file {source} has an unsupported type; use .csv, .json, .jsonl or .txt")
@@ -79,7 +84,7 @@ def load_texts(cfg: DataConfig) -> TextSplits:
     train = _column(_load_dataset(cfg.source, cfg.train_split), column, cfg.source)
     if cfg.dev_source:
         dev = _column(_load_dataset(cfg.dev_source, cfg.dev_split), column, cfg.dev_source)
-    elif not _looks_local(cfg.source):
+    elif not Path(cfg.source).expanduser().is_file():  # a Hub id or a dataset directory: it has splits
         dev = _column(_load_dataset(cfg.source, cfg.dev_split), column, f"{cfg.source}[{cfg.dev_split}]")
     else:
         n_dev = max(1, int(len(train) * cfg.dev_fraction))

@@ -117,3 +117,21 @@ def test_trains_on_local_e2e_csv(tmp_path, capsys):
                        "data.seq_len=64", "data.min_freq=3", "train.eval_every=3", "--no-progress")
     assert code == 0, err
     assert "4672 train" not in err and "vocabulary" in err and (tmp_path / "model" / "tokenizer.json").is_file()
+
+
+def test_hub_id_without_network_is_a_clean_error(tmp_path, capsys):
+    assert_user_error(capsys, ["train", "--config", TINY, f"train.out_dir={tmp_path}", "data.source=tuetschek/e2e_nlg",
+                               "data.text_column=human_reference"], "could not load Hub dataset 'tuetschek/e2e_nlg'",
+                      tmp_path)
+
+
+def test_dataset_directory_with_splits(tmp_path, capsys):
+    """A dataset repository on disk goes through the same split logic as a Hub id (train / validation)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "train.csv").write_text("human_reference\n" + "Aromi is a pub .\nZizzi is a cheap pub .\n" * 20)
+    (repo / "validation.csv").write_text("human_reference\nThe Eagle is a pub .\n")
+    code, _, err = run(capsys, "train", "--config", TINY, f"train.out_dir={tmp_path / 'out'}", f"data.source={repo}",
+                       "data.text_column=human_reference", "train.max_steps=2", "train.eval_every=2", "--no-progress")
+    assert code == 0, err
+    assert "40 train / 1 dev texts" in err
