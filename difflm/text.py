@@ -39,8 +39,9 @@ def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
     Each denoising KL is 1/2 (SNR_{t-1} - SNR_t) ||x0 - x0_hat||^2; like Diffusion-LM (and DDPM's L_simple) we
     drop the weights and average ||target - output||^2 over a uniformly drawn step. At the first step the decoder
     p(x0 | x_1) is scored against the embedding Emb(w), the mean of q(x0 | w), as Diffusion-LM does. The rounding
-    term is the cross-entropy of the tied head on x0; the prior KL keeps only its x0-dependent part
-    abar_T ||x0||^2 (the rest, and the entropy H(q(x0|w)), are constants). All parts are means per position.
+    term is the cross-entropy of the tied head on x0; the prior term is KL(q(x_T | x0) || N(0, I)) itself
+    (Diffusion-LM uses abar_T ||x0||^2, twice its x0-dependent part); H(q(x0|w)) is a constant. The denoising and
+    prior terms are means per latent element, the rounding term a mean per token position.
     """
     diffusion = model.diffusion
     emb = model.embed(ids)  # (B, L, d)
@@ -54,8 +55,7 @@ def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
     first_step = ((emb - out.x0_hat) ** 2).mean(dim=(1, 2))
     denoising = torch.where(t == t1, first_step, out.loss).mean()
     rounding = rounding_nll(x0, model.embedding.weight, ids).mean() / ids.shape[1]
-    a_T = diffusion.alpha_bar(torch.ones_like(t1))[:, None, None]
-    prior = (a_T * x0 ** 2).mean()
+    prior = diffusion.prior_kl(x0).mean() / x0[0].numel()
     return TextLoss(loss=denoising + rounding + prior, denoising=denoising.detach(), rounding=rounding.detach(),
                     prior=prior.detach())
 
