@@ -18,9 +18,11 @@ from tqdm.auto import tqdm
 
 from .config import Config, TrainConfig, save_config
 from .data import build_tokenizer, encode, load_texts, load_tokenizer, special_ids
+from .diffusion import PREDICTIONS
 from .errors import DifflmError
 from .files import AtomicDir
 from .modeling import TextDiffusionConfig, TextDiffusionModel
+from .schedules import SCHEDULES
 from .text import save_model, text_loss
 
 log = logging.getLogger("difflm")
@@ -101,8 +103,6 @@ def build_model(cfg: Config, tokenizer) -> TextDiffusionModel:
                                schedule=cfg.diffusion.schedule, num_steps=cfg.diffusion.num_steps,
                                prediction=cfg.diffusion.prediction, start_id=start, end_id=end, pad_id=pad,
                                denoiser_attn=m.attn_implementation, self_condition=m.self_condition)
-    if m.hidden_size % m.num_heads:
-        raise DifflmError(f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
     return TextDiffusionModel(mcfg)
 
 
@@ -140,6 +140,15 @@ def _check(cfg: Config) -> None:
             raise DifflmError(f"train.{name} must be positive, got {getattr(t, name)}")
     if cfg.data.seq_len < 3:
         raise DifflmError(f"data.seq_len must be at least 3 (START, one token, END), got {cfg.data.seq_len}")
+    m, d = cfg.model, cfg.diffusion
+    if m.hidden_size % m.num_heads:
+        raise DifflmError(f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
+    if d.schedule not in SCHEDULES:
+        raise DifflmError(f"unknown diffusion.schedule {d.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if d.prediction not in PREDICTIONS:
+        raise DifflmError(f"unknown diffusion.prediction {d.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+    if d.num_steps < 1:
+        raise DifflmError(f"diffusion.num_steps must be positive, got {d.num_steps}")
 
 
 def train(cfg: Config, show_progress: bool = True) -> TrainResult:

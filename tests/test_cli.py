@@ -135,3 +135,14 @@ def test_dataset_directory_with_splits(tmp_path, capsys):
                        "data.text_column=human_reference", "train.max_steps=2", "train.eval_every=2", "--no-progress")
     assert code == 0, err
     assert "40 train / 1 dev texts" in err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("diffusion.schedule=sqrtt", "unknown diffusion.schedule 'sqrtt'"),
+    ("diffusion.prediction=noise", "unknown diffusion.prediction 'noise'"),
+    ("model.num_heads=3", "must be divisible by model.num_heads"),
+    ("train.batch_size=0", "train.batch_size must be positive"),
+])
+def test_bad_model_settings_fail_before_anything_is_written(tmp_path, capsys, override, message):
+    assert_user_error(capsys, ["train", "--config", TINY, f"train.out_dir={tmp_path / 'o'}", override], message)
+    assert not (tmp_path / "o").exists()
