@@ -118,6 +118,18 @@ def dev_loss(model: TextDiffusionModel, ids: torch.Tensor, batch_size: int, batc
     return sum(losses) / len(losses)
 
 
+def batches(ids: torch.Tensor, batch_size: int, seed: int):
+    """Endless shuffled batches of rows of `ids`, a new permutation each epoch (a last partial batch is dropped)."""
+    if len(ids) < batch_size:
+        log.warning("only %d training sequences: batches of %d instead of %d", len(ids), len(ids), batch_size)
+        batch_size = len(ids)
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(ids), generator=g).to(ids.device)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield ids[order[i: i + batch_size]]
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` is cuda when a GPU is visible, else cpu."""
     if name == "auto":
@@ -172,16 +184,11 @@ def train(cfg: Config, show_progress: bool = True) -> TrainResult:
     save_config(cfg, out / "config.yaml")
     metrics = (out / "metrics.jsonl").open("w")
     g = torch.Generator(device=device).manual_seed(t.seed)
-    order_g = torch.Generator().manual_seed(t.seed)
-    order, cursor = torch.randperm(len(train_ids), generator=order_g).to(device), 0
+    data = batches(train_ids, t.batch_size, t.seed)
     start_time, step, stopped_by_time, last_dev = time.time(), 0, False, float("nan")
     bar = tqdm(total=t.max_steps, desc="train", disable=not show_progress, dynamic_ncols=True)
     while step < t.max_steps:
-        if cursor + t.batch_size > len(order):
-            order, cursor = torch.randperm(len(train_ids), generator=order_g).to(device), 0
-        batch = train_ids[order[cursor: cursor + t.batch_size]]
-        cursor += t.batch_size
-        losses = text_loss(model, batch, generator=g)
+        losses = text_loss(model, next(data), generator=g)
         if not torch.isfinite(losses.loss):
             raise DifflmError(f"loss became {losses.loss.item()} at step {step}; lower train.lr or raise grad_clip")
         grad_norm = engine.step(losses.loss)

@@ -8,7 +8,7 @@ import torch
 
 from difflm.config import TrainConfig, load_config
 from difflm.errors import DifflmError
-from difflm.train import EMA, lr_factor, resolve_device, train
+from difflm.train import EMA, batches, lr_factor, resolve_device, train
 
 from conftest import ROOT
 
@@ -65,3 +65,11 @@ def test_device_names_are_checked():
 def test_unknown_engine_is_rejected(tmp_path):
     with pytest.raises(DifflmError, match="train.engine 'jax'"):
         train(load_config(TINY, [f"train.out_dir={tmp_path}", "train.engine=jax"]), show_progress=False)
+
+
+def test_batches_cover_each_epoch_once_and_survive_a_tiny_dataset():
+    ids = torch.arange(10)[:, None]
+    it = batches(ids, 3, seed=0)
+    epoch = torch.cat([next(it) for _ in range(3)])[:, 0].tolist()
+    assert len(set(epoch)) == 9  # 3 full batches, no repeats; the 10th row waits for the next epoch
+    assert next(batches(ids[:2], 5, seed=0)).shape == (2, 1)
