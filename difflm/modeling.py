@@ -100,3 +100,14 @@ class TextDiffusionModel(PreTrainedModel):
         h = self.input_proj(x_t) + temb[:, None, :]  # (B, L, H); BERT's embeddings add positions + LayerNorm
         h = self.denoiser(inputs_embeds=h).last_hidden_state  # (B, L, H)
         return self.output_proj(h)  # (B, L, d)
+
+
+def _register_auto_classes() -> None:
+    """Let AutoConfig / AutoModel (and AutoTokenizer, which reads config.json) recognise difflm directories."""
+    from transformers import AutoConfig, AutoModel
+
+    AutoConfig.register(TextDiffusionConfig.model_type, TextDiffusionConfig, exist_ok=True)
+    AutoModel.register(TextDiffusionConfig, TextDiffusionModel, exist_ok=True)
+
+
+_register_auto_classes()
