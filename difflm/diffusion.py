@@ -152,13 +152,35 @@ class GaussianDiffusion(nn.Module):
         t0 = 1.0 / self.num_steps if self.discrete else self.t_min
         return torch.full((batch,), t0, device=device, dtype=dtype)
 
-    def sample_t(self, batch: int, device, generator=None, low_step: int = 1, dtype=torch.float32) -> torch.Tensor:
-        """Uniform training times: steps low_step..T (discrete) or U(t_min, 1) (continuous)."""
+    def sample_t(self, batch: int, device, generator=None, low_step: int = 1, dtype=torch.float32,
+                 stratum: Optional[tuple] = None) -> torch.Tensor:
+        """Uniform training times: steps low_step..T (discrete) or U(t_min, 1) (continuous).
+
+        `stratum=(a, b)` restricts the draw to that slice of the range (fractions, 0 <= a < b <= 1); estimates from
+        `diffusion_term` at such times, weighted by (b - a) and summed over a partition, are unbiased (stratified
+        sampling, see `time_strata`)."""
+        a, b = stratum or (0.0, 1.0)
         if self.discrete:
-            i = torch.randint(low_step, self.num_steps + 1, (batch,), device=device, generator=generator)
+            span = self.num_steps + 1 - low_step
+            lo, hi = low_step + round(a * span), low_step + round(b * span)
+            i = torch.randint(lo, hi, (batch,), device=device, generator=generator)
             return i.to(dtype) / self.num_steps
-        u = torch.rand(batch, device=device, generator=generator, dtype=dtype)
+        u = a + (b - a) * torch.rand(batch, device=device, generator=generator, dtype=dtype)
         return self.t_min + (1 - self.t_min) * u
+
+    def time_strata(self, count: int, low_step: int = 1, smallest: float = 1e-4) -> list:
+        """A partition of the time range into at most `count` slices (a, b), geometrically finer towards t_min,
+        where weights such as Diffusion-LM's SNR ~ 1/t concentrate. Discrete slices hold whole steps (the first
+        is the single step low_step); continuous slices start at `smallest`."""
+        if count <= 1:
+            return [(0.0, 1.0)]
+        if self.discrete:
+            span = self.num_steps + 1 - low_step
+            cuts = torch.logspace(0, math.log10(span), count, dtype=torch.float64).round().long().unique()
+            edges = [0.0] + [c.item() / span for c in cuts]
+        else:
+            edges = [0.0] + torch.logspace(math.log10(smallest), 0, count, dtype=torch.float64).tolist()
+        return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
     # ---- objectives ------------------------------------------------------------------------------------------
     def denoise(self, model_fn: ModelFn, x0, t, noise) -> DenoiseOutput:
