@@ -51,6 +51,34 @@ def cmd_train(args) -> None:
     train(cfg, show_progress=not args.no_progress)
 
 
+def _config_for_model(args):
+    """The config from --config, else the one saved with --model, with the overrides applied."""
+    from .config import load_config
+    from .train import TRAINING_CONFIG
+
+    if args.config:
+        return load_config(args.config, args.overrides)
+    if getattr(args, "model", None):
+        saved = Path(resolve_model_dir(args.model)) / TRAINING_CONFIG
+        if saved.is_file():
+            return load_config(str(saved), args.overrides)
+        raise DifflmError(f"{args.model} has no {TRAINING_CONFIG}; pass --config for its data")
+    raise DifflmError("pass --config configs/NAME.yaml (or --model DIR to reuse a model's data and tokenizer)")
+
+
+def cmd_train_teacher(args) -> None:
+    from .teacher import train_teacher
+    from .text import load_model
+
+    tokenizer = None
+    cfg = _config_for_model(args)
+    if args.model:
+        model, tokenizer = load_model(resolve_model_dir(args.model))
+        if cfg.data.seq_len != model.config.seq_len:
+            raise DifflmError(f"data.seq_len={cfg.data.seq_len} differs from the model's {model.config.seq_len}")
+    train_teacher(cfg, tokenizer, show_progress=not args.no_progress)
+
+
 def cmd_generate(args) -> None:
     from tqdm.auto import tqdm
 
@@ -86,6 +114,37 @@ def read_samples(path: str) -> List[str]:
     if not texts:
         raise DifflmError(f"samples file {path} is empty")
     return texts
+
+
+def cmd_eval(args) -> None:
+    from .evaluation import check_metrics, evaluate_model
+    from .report import write_report
+    from .text import load_model
+    from .train import resolve_device
+
+    if args.metrics is not None:
+        metrics = check_metrics([m.strip() for m in args.metrics.split(",") if m.strip()])
+    if args.num_samples < 1:
+        raise DifflmError(f"--num-samples must be positive, got {args.num_samples}")
+    samples = read_samples(args.samples) if args.samples else None
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(resolve_model_dir(args.model), device=device)
+    cfg = _config_for_model(args)
+    if args.metrics is None:  # all that apply
+        metrics = ["bound", "diversity"] + ["lm_score"] * bool(args.teacher)
+        metrics += ["grammar"] * cfg.data.source.startswith("builtin:")
+        if not args.teacher:
+            logging.getLogger("difflm").warning("no --teacher given: lm-score skipped")
+    teacher = None
+    if args.teacher:
+        from .teacher import load_teacher
+
+        teacher = load_teacher(args.teacher, tokenizer, device=device)
+    ev = evaluate_model(model, tokenizer, cfg, samples, metrics, teacher=teacher, num_samples=args.num_samples,
+                        steps=args.steps, held_out=args.held_out, bound_draws=args.bound_draws, seed=args.seed,
+                        model_name=args.model, show_progress=not args.no_progress)
+    out = write_report(ev, args.out, "difflm " + " ".join(sys.argv[1:]))
+    logging.getLogger("difflm").info("wrote %s and %s", out / "metrics.json", out / "report.md")
 
 
 def cmd_check_grammar(args) -> None:
@@ -124,6 +183,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    tt = sub.add_parser("train-teacher", help="train a GPT-2 teacher LM for lm-score on a model's data")
+    tt.add_argument("--config", help="configs/NAME.yaml (data and teacher sections); default: the model's")
+    tt.add_argument("--model", help="a difflm model whose tokenizer (and, without --config, data) to use")
+    tt.add_argument("overrides", nargs="*", help="section.key=value, e.g. teacher.max_steps=500")
+    tt.add_argument("--no-progress", action="store_true")
+    tt.set_defaults(func=cmd_train_teacher)
+
+    e = sub.add_parser("eval", help="likelihood bound, lm-score, diversity (and grammar) with a report")
+    e.add_argument("--model", required=True, help="a model directory (or a training out_dir)")
+    e.add_argument("--out", required=True, help="directory for metrics.json, report.md and plots")
+    e.add_argument("--teacher", help="a teacher LM directory (`difflm train-teacher`) for lm-score")
+    e.add_argument("--samples", help="JSON-lines samples to score; default: generate --num-samples")
+    e.add_argument("--config", help="config whose data gives the held-out text; default: the model's")
+    e.add_argument("overrides", nargs="*", help="section.key=value applied to that config")
+    e.add_argument("--metrics", default=None, help="comma-separated: bound,lm_score,diversity,grammar "
+                   "(default: all that apply)")
+    e.add_argument("--num-samples", type=int, default=256)
+    e.add_argument("--steps", type=int, default=200, help="sampling steps when generating")
+    e.add_argument("--held-out", type=int, default=512, help="held-out texts for the bound")
+    e.add_argument("--bound-draws", type=int, default=16, help="stratified draws of t per held-out text")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("check-grammar", help="share of samples the embedded grammar can derive")
     c.add_argument("--samples", required=True, help="JSON-lines file from `difflm generate`")

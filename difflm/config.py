@@ -77,11 +77,35 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TeacherConfig:
+    """The autoregressive teacher LM for lm-score: a GPT-2 trained from scratch on the same data and tokenizer."""
+
+    out_dir: str = "runs/teacher"
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    dropout: float = 0.1
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    max_minutes: float = 0.0
+    grad_clip: float = 1.0
+    weight_decay: float = 0.01
+    log_every: int = 10
+    eval_every: int = 500
+    save_every: int = 1000
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

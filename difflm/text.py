@@ -100,11 +100,12 @@ class Sample:
 @torch.no_grad()
 def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Optional[int] = None,
              sampler: str = "ddpm", clamp: bool = False, seed: int = 0, batch_size: int = 64,
-             progress: Optional[Callable[[int], None]] = None) -> List[Sample]:
+             progress: Optional[Callable[[int], None]] = None, callback: Optional[Callable] = None) -> List[Sample]:
     """Fixed-length samples decoded through the rounding head (argmax), START dropped, cut at END.
 
     `sampler`: ddpm (ancestral) or ddim (eta = 0). `clamp`: replace each x0 estimate by its nearest word
-    embeddings (Diffusion-LM's clamping trick). `progress(n)` is called after each batch of n samples.
+    embeddings (Diffusion-LM's clamping trick). `progress(n)` is called after each batch of n samples;
+    `callback(StepState)` after every sampler step (see sampling.sample).
     """
     if num_samples < 1:
         raise DifflmError(f"--num-samples must be positive, got {num_samples}")
@@ -122,7 +123,8 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
     while len(out) < num_samples:
         b = min(batch_size, num_samples - len(out))
         x = sample(model.diffusion, _SamplingModelFn(model), (b, cfg.seq_len, cfg.embed_dim), steps=steps, eta=eta,
-                   denoise_fn=denoise_fn, generator=generator, device=weight.device, dtype=weight.dtype)
+                   denoise_fn=denoise_fn, generator=generator, device=weight.device, dtype=weight.dtype,
+                   callback=callback)
         for row in round_to_tokens(x, weight).tolist():
             out.append(Sample(text=decode(row, tokenizer), ids=row))
         if progress:

@@ -13,7 +13,9 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from .config import Config, TrainConfig, save_config
@@ -27,6 +29,7 @@ from .text import save_model, text_loss
 
 log = logging.getLogger("difflm")
 ENGINES = ("torch",)
+TRAINING_CONFIG = "training_config.yaml"  # saved beside the weights: the data a model was trained on
 
 
 @dataclass
@@ -82,11 +85,13 @@ class EMA:
             e.lerp_(p, 1 - d)
 
 
-def prepare_data(cfg: Config):
-    """(tokenizer, train ids (N, L), dev ids (M, L)) for the configured data."""
+def prepare_data(cfg: Config, tokenizer=None):
+    """(tokenizer, train ids (N, L), dev ids (M, L)) for the configured data; `tokenizer` overrides the one
+    cfg.data would build or load."""
     texts = load_texts(cfg.data)
-    tokenizer = (load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer
-                 else build_tokenizer(texts.train, cfg.data.min_freq, cfg.data.lowercase))
+    if tokenizer is None:
+        tokenizer = (load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer
+                     else build_tokenizer(texts.train, cfg.data.min_freq, cfg.data.lowercase))
     train_ids, n_trunc = encode(texts.train, tokenizer, cfg.data.seq_len)
     dev_ids, n_trunc_dev = encode(texts.dev, tokenizer, cfg.data.seq_len)
     log.info("data: %d train / %d dev texts, vocabulary %d, length %d; truncated %d train and %d dev texts",
@@ -182,50 +187,84 @@ def train(cfg: Config, show_progress: bool = True) -> TrainResult:
     out = Path(t.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    metrics = (out / "metrics.jsonl").open("w")
     g = torch.Generator(device=device).manual_seed(t.seed)
     data = batches(train_ids, t.batch_size, t.seed)
-    start_time, step, stopped_by_time, last_dev = time.time(), 0, False, float("nan")
-    bar = tqdm(total=t.max_steps, desc="train", disable=not show_progress, dynamic_ncols=True)
-    while step < t.max_steps:
+
+    def next_loss():
         losses = text_loss(model, next(data), generator=g)
-        if not torch.isfinite(losses.loss):
-            raise DifflmError(f"loss became {losses.loss.item()} at step {step}; lower train.lr or raise grad_clip")
-        grad_norm = engine.step(losses.loss)
-        ema.update(model, step)
-        step += 1
-        bar.update(1)
-        record = None
-        if step % t.log_every == 0 or step == t.max_steps:
-            record = {"step": step, "loss": losses.loss.item(), "denoising": losses.denoising.item(),
-                      "rounding": losses.rounding.item(), "prior": losses.prior.item(), "grad_norm": grad_norm,
-                      "lr": engine.lr, "elapsed_s": round(time.time() - start_time, 2)}
-            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-        elapsed_min = (time.time() - start_time) / 60
-        stopped_by_time = bool(t.max_minutes) and elapsed_min >= t.max_minutes and step < t.max_steps
-        if step % t.eval_every == 0 or step == t.max_steps or stopped_by_time:
-            record = record or {"step": step, "elapsed_s": round(time.time() - start_time, 2)}
-            record["dev_loss"] = dev_loss(model, dev_ids, t.batch_size, t.eval_batches)
-            record["dev_loss_ema"] = last_dev = dev_loss(ema.model, dev_ids, t.batch_size, t.eval_batches)
-            bar.set_postfix(loss=f"{losses.loss.item():.4f}", dev=f"{last_dev:.4f}", refresh=False)
-        if record:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-        if step % t.save_every == 0 or step == t.max_steps or stopped_by_time:
-            save_checkpoint(out, model, ema, engine, tokenizer, step, cfg)
-        if stopped_by_time:
-            log.warning("stopping at step %d of %d: train.max_minutes=%g reached", step, t.max_steps, t.max_minutes)
-            break
-    bar.close()
-    metrics.close()
+        return losses.loss, {"denoising": losses.denoising.item(), "rounding": losses.rounding.item(),
+                             "prior": losses.prior.item()}
+
+    def evaluate():
+        return {"dev_loss": dev_loss(model, dev_ids, t.batch_size, t.eval_batches),
+                "dev_loss_ema": dev_loss(ema.model, dev_ids, t.batch_size, t.eval_batches)}
+
+    result = run_loop(engine, next_loss, evaluate, lambda step: save_checkpoint(out, model, ema, engine, tokenizer,
+                                                                                  step, cfg),
+                      t, out / "metrics.jsonl", after_step=lambda step: ema.update(model, step),
+                      show_progress=show_progress)
+    last_dev = result.last_eval.get("dev_loss_ema", float("nan"))
     log.info("trained %d steps in %.1f min; dev loss (EMA) %.4f; model saved to %s",
-             step, (time.time() - start_time) / 60, last_dev, out / "model")
-    return TrainResult(model_dir=out / "model", steps=step, stopped_by_time=stopped_by_time, dev_loss=last_dev)
+             result.steps, result.minutes, last_dev, out / "model")
+    return TrainResult(model_dir=out / "model", steps=result.steps, stopped_by_time=result.stopped_by_time,
+                       dev_loss=last_dev)
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    stopped_by_time: bool
+    minutes: float
+    last_eval: dict
+
+
+def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Callable[[int], None], cfg,
+             metrics_path: Path, after_step: Optional[Callable[[int], None]] = None, show_progress: bool = True,
+             desc: str = "train") -> LoopResult:
+    """The loop shared by every trainer: step, log a JSON line every `log_every`, evaluate every `eval_every`,
+    save every `save_every`, and stop at `max_steps` or (saying so) after `max_minutes` of wall time.
+
+    `next_loss() -> (loss, {name: float})` draws a batch and computes its loss; `cfg` has the fields above."""
+    start, step, stopped_by_time, last_eval = time.time(), 0, False, {}
+    bar = tqdm(total=cfg.max_steps, desc=desc, disable=not show_progress, dynamic_ncols=True)
+    with open(metrics_path, "w") as metrics:
+        while step < cfg.max_steps:
+            loss, parts = next_loss()
+            if not torch.isfinite(loss):
+                raise DifflmError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+            grad_norm = engine.step(loss)
+            if after_step:
+                after_step(step)
+            step += 1
+            bar.update(1)
+            record = {}
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                record = {"step": step, "loss": loss.item(), **parts, "grad_norm": grad_norm, "lr": engine.lr}
+                bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+            elapsed = (time.time() - start) / 60
+            stopped_by_time = bool(cfg.max_minutes) and elapsed >= cfg.max_minutes and step < cfg.max_steps
+            if step % cfg.eval_every == 0 or step == cfg.max_steps or stopped_by_time:
+                last_eval = evaluate()
+                record = {"step": step, **record, **last_eval}
+                bar.set_postfix(loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in last_eval.items()},
+                                refresh=False)
+            if record:
+                record["elapsed_s"] = round(time.time() - start, 2)
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if step % cfg.save_every == 0 or step == cfg.max_steps or stopped_by_time:
+                save(step)
+            if stopped_by_time:
+                log.warning("stopping at step %d of %d: max_minutes=%g reached", step, cfg.max_steps, cfg.max_minutes)
+                break
+    bar.close()
+    return LoopResult(steps=step, stopped_by_time=stopped_by_time, minutes=(time.time() - start) / 60,
+                      last_eval=last_eval)
 
 
 def save_checkpoint(out: Path, model, ema: EMA, engine: TorchEngine, tokenizer, step: int, cfg: Config) -> None:
     """The EMA model for generation (`model/`) and the full training state (`checkpoint/`), each atomically."""
-    save_model(ema.model, tokenizer, out / "model")
+    save_model(ema.model, tokenizer, out / "model", extra_files={TRAINING_CONFIG: yaml.safe_dump(cfg.to_dict())})
     with AtomicDir(out / "checkpoint") as tmp:
         torch.save({"step": step, "model": model.state_dict(), "ema": ema.model.state_dict(),
                     "engine": engine.state_dict(), "config": cfg.to_dict()}, tmp / "trainer_state.pt")

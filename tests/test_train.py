@@ -50,7 +50,7 @@ def test_same_seed_same_run_and_time_budget_stops_with_a_checkpoint(tmp_path, ca
     finally:
         logger.removeHandler(caplog.handler)
     assert result.stopped_by_time and result.steps < 100000 and (result.model_dir / "model.safetensors").is_file()
-    assert "train.max_minutes=0.0001 reached" in caplog.text
+    assert "max_minutes=0.0001 reached" in caplog.text
 
 
 def test_device_names_are_checked():

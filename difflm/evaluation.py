@@ -1,0 +1,148 @@
+"""`difflm eval`: every metric of a model in one pass, as a JSON-ready dataclass.
+
+The field reports two incompatible perplexities and each is gamed alone: the teacher's lm-score rewards dull
+samples, the likelihood bound says nothing of sample quality. So both are reported, with diversity beside them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import Config
+from .data import decode, encode, load_texts
+from .errors import DifflmError
+from .metrics import bound_report, diversity, grammar_report
+from .rounding import round_to_tokens
+from .text import generate
+
+log = logging.getLogger("difflm")
+METRICS = ("bound", "lm_score", "diversity", "grammar")
+
+
+@dataclass
+class DenoisingCurve:
+    """Per-element x0 error and its ELBO weight along t, on held-out text (discrete steps)."""
+
+    t: List[float]
+    mse: List[float]  # E ||x0 - x0_hat||^2 / (L d)
+    kl_per_step: List[float]  # 1/2 (SNR_{t-1} - SNR_t) E ||x0 - x0_hat||^2, nats per sequence
+
+
+@dataclass
+class Trajectory:
+    """One sample's x0 estimate, rounded to text, at chosen times of the sampler."""
+
+    t: List[float]
+    text: List[str]
+
+
+@dataclass
+class Evaluation:
+    model: str
+    samples: int
+    held_out: int
+    metrics: Dict[str, dict] = field(default_factory=dict)
+    curve: Optional[DenoisingCurve] = None
+    trajectories: List[Trajectory] = field(default_factory=list)
+    examples: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_metrics(names: Sequence[str]) -> List[str]:
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise DifflmError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    return list(names)
+
+
+@torch.no_grad()
+def denoising_curve(model, ids: torch.Tensor, points: int = 40, seed: int = 0) -> DenoisingCurve:
+    """x0 error at `points` discrete steps spaced geometrically from step 2 to T."""
+    d = model.diffusion
+    steps = torch.logspace(math.log10(2), math.log10(d.num_steps), points).round().long().unique()
+    g = torch.Generator(device=ids.device).manual_seed(seed)
+    emb = model.embed(ids)
+    b = ids.shape[0]
+    var0 = 1 - d.alpha_bar(d.first_t(b, ids.device, emb.dtype))
+    x0 = emb + var0.sqrt()[:, None, None] * torch.randn(emb.shape, generator=g, device=emb.device)
+    ts, mse, kl = [], [], []
+    for i in steps.tolist():
+        t = torch.full((b,), i / d.num_steps, device=ids.device)
+        x_t = d.q_sample(x0, t, torch.randn(x0.shape, generator=g, device=x0.device))
+        err = ((x0 - d.predict_x0(model(x_t, t), x_t, t)) ** 2).sum(dim=(1, 2))  # (B,)
+        s = t - 1.0 / d.num_steps
+        ts.append(i / d.num_steps)
+        mse.append(err.mean().item() / x0[0].numel())
+        kl.append((0.5 * (d.snr(s) - d.snr(t)) * err).mean().item())
+    return DenoisingCurve(t=ts, mse=mse, kl_per_step=kl)
+
+
+def trajectories(model, tokenizer, count: int = 3, times: Sequence[float] = (1.0, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1,
+                 0.05, 0.02, 0.0), steps: int = 200, seed: int = 0) -> List[Trajectory]:
+    """Sample `count` sequences and keep the rounded x0 estimate at the sampler step nearest each time."""
+    seen: List[tuple] = []
+
+    def callback(state):
+        seen.append((state.t[0].item(), round_to_tokens(state.x0_hat, model.embedding.weight).tolist()))
+
+    generate(model, tokenizer, count, steps=steps, seed=seed, batch_size=count, callback=callback)
+    out = [Trajectory(t=[], text=[]) for _ in range(count)]
+    for target in times:
+        t, rows = min(seen, key=lambda item: abs(item[0] - target))
+        for k in range(count):
+            out[k].t.append(round(t, 4))
+            out[k].text.append(decode(rows[k], tokenizer))
+    return out
+
+
+def evaluate_model(model, tokenizer, cfg: Config, samples: Optional[List[str]], metrics: Sequence[str],
+                   teacher=None, num_samples: int = 256, steps: int = 200, held_out: int = 512,
+                   bound_draws: int = 16, seed: int = 0, model_name: str = "", show_progress: bool = True):
+    """Run the chosen metrics; generate `num_samples` samples when none are given."""
+    metrics = check_metrics(metrics)
+    if "lm_score" in metrics and teacher is None:
+        raise DifflmError("lm_score needs --teacher DIR (train one with `difflm train-teacher --model MODEL`)")
+    device = model.embedding.weight.device
+    if samples is None:
+        with tqdm(total=num_samples, desc="generate", disable=not show_progress, dynamic_ncols=True) as bar:
+            samples = [s.text for s in generate(model, tokenizer, num_samples, steps=steps, seed=seed,
+                                                progress=bar.update)]
+    dev_texts = load_texts(cfg.data).dev[:held_out]
+    dev_ids, truncated = encode(dev_texts, tokenizer, model.config.seq_len)
+    dev_ids = dev_ids.to(device)
+    result = Evaluation(model=model_name, samples=len(samples), held_out=len(dev_texts), examples=samples[:10])
+    if "bound" in metrics:
+        for continuous in (False, True):
+            with tqdm(total=len(dev_ids), desc=f"bound ({'continuous' if continuous else 'discrete'})",
+                      disable=not show_progress, dynamic_ncols=True) as bar:
+                rep = bound_report(model, dev_ids, continuous=continuous, draws=bound_draws, seed=seed,
+                                   progress=bar.update)
+            result.metrics[f"bound_{rep.time}"] = rep.to_dict()
+        result.metrics["bound_discrete"]["truncated_held_out_texts"] = truncated
+        result.curve = denoising_curve(model, dev_ids[:128], seed=seed)
+        result.trajectories = trajectories(model, tokenizer, steps=min(steps, model.diffusion.num_steps), seed=seed)
+    if "lm_score" in metrics:
+        from .teacher import lm_score
+
+        teacher_model, teacher_tok = teacher
+        result.metrics["lm_score"] = {
+            "samples": lm_score(teacher_model, teacher_tok, samples, model.config.seq_len),
+            "held_out_text": lm_score(teacher_model, teacher_tok, dev_texts, model.config.seq_len)}
+    if "diversity" in metrics:
+        result.metrics["diversity"] = asdict(diversity(samples, reference=dev_texts))
+    if "grammar" in metrics:
+        if not cfg.data.source.startswith("builtin:"):
+            raise DifflmError(f"the grammar metric needs a model trained on the embedded grammar "
+                              f"(data.source builtin:...), not {cfg.data.source}")
+        from .grammar import builtin_grammar
+
+        result.metrics["grammar"] = asdict(grammar_report(builtin_grammar(cfg.data.source.split(":", 1)[1]), samples))
+    return result

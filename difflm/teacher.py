@@ -1,0 +1,128 @@
+"""The teacher LM behind lm-score: a GPT-2 trained from scratch on the diffusion model's data and tokenizer
+(Diffusion-LM's evaluation), or any local Hugging Face causal LM that shares the tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config, save_config
+from .data import encode, special_ids
+from .errors import DifflmError
+from .files import AtomicDir
+from .train import TorchEngine, batches, prepare_data, resolve_device, run_loop
+
+log = logging.getLogger("difflm")
+
+
+def build_teacher(cfg: Config, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    t = cfg.teacher
+    if t.hidden_size % t.num_heads:
+        raise DifflmError(f"teacher.hidden_size ({t.hidden_size}) must be divisible by teacher.num_heads ({t.num_heads})")
+    start, end, pad = special_ids(tokenizer)
+    gcfg = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.data.seq_len, n_embd=t.hidden_size,
+                      n_layer=t.num_layers, n_head=t.num_heads, resid_pdrop=t.dropout, embd_pdrop=t.dropout,
+                      attn_pdrop=t.dropout, bos_token_id=start, eos_token_id=end, pad_token_id=pad)
+    return GPT2LMHeadModel(gcfg)
+
+
+def sequence_nll(teacher, ids: torch.Tensor, pad_id: int):
+    """Per sequence: summed -log p of every token after START up to END (PAD targets ignored), and the count."""
+    # padding is on the right and attention causal, so real tokens never see PAD: an all-ones mask is exact
+    logits = teacher(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1]  # (B, L-1, V)
+    targets = ids[:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")  # (B, L-1)
+    mask = targets != pad_id
+    return (nll * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def _mean_nll(teacher, ids, pad_id, batch_size, progress=None) -> float:
+    teacher.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(ids), batch_size):
+            nll, n = sequence_nll(teacher, ids[i: i + batch_size], pad_id)
+            total, count = total + nll.sum().item(), count + n.sum().item()
+            if progress:
+                progress(len(ids[i: i + batch_size]))
+    return total / max(count, 1)
+
+
+def train_teacher(cfg: Config, tokenizer=None, show_progress: bool = True) -> Path:
+    """Train the teacher on cfg.data (with `tokenizer`, normally the diffusion model's) and save it to
+    `teacher.out_dir` with save_pretrained, tokenizer included."""
+    t = cfg.teacher
+    for name in ("batch_size", "max_steps", "log_every", "eval_every", "save_every"):
+        if getattr(t, name) < 1:
+            raise DifflmError(f"teacher.{name} must be positive, got {getattr(t, name)}")
+    torch.manual_seed(t.seed)
+    device = resolve_device(t.device)
+    tokenizer, train_ids, dev_ids = prepare_data(cfg, tokenizer)
+    train_ids, dev_ids = train_ids.to(device), dev_ids.to(device)
+    pad = tokenizer.pad_token_id
+    model = build_teacher(cfg, tokenizer).to(device).train()
+    log.info("teacher: GPT-2 %d x %d, %.2fM parameters", t.num_layers, t.hidden_size,
+             sum(p.numel() for p in model.parameters()) / 1e6)
+    engine = TorchEngine(model, t)
+    out = Path(t.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    data = batches(train_ids, t.batch_size, t.seed)
+
+    def next_loss():
+        nll, n = sequence_nll(model, next(data), pad)
+        return nll.sum() / n.sum(), {}
+
+    def evaluate():
+        ppl = math.exp(_mean_nll(model, dev_ids[: 16 * t.batch_size], pad, t.batch_size))
+        model.train()
+        return {"dev_perplexity": ppl}
+
+    def save(step):
+        with AtomicDir(out / "model") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+    result = run_loop(engine, next_loss, evaluate, save, t, out / "metrics.jsonl", show_progress=show_progress,
+                      desc="teacher")
+    log.info("teacher trained %d steps in %.1f min; dev perplexity %.3f; saved to %s", result.steps, result.minutes,
+             result.last_eval.get("dev_perplexity", float("nan")), out / "model")
+    return out / "model"
+
+
+def load_teacher(path: str, tokenizer=None, device="cpu"):
+    """(teacher, its tokenizer) from a local causal-LM directory; with `tokenizer`, check the vocabularies agree."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if (p / "model" / "config.json").is_file():
+        p = p / "model"
+    if not (p / "config.json").is_file():
+        raise DifflmError(f"teacher directory {path} does not exist or has no config.json; train one with "
+                          f"`difflm train-teacher`")
+    try:
+        teacher = AutoModelForCausalLM.from_pretrained(p, local_files_only=True).to(device).eval()
+        teacher_tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DifflmError(f"{path} is not a Hugging Face causal LM directory: {str(e).splitlines()[0]}") from None
+    if tokenizer is not None and teacher_tok.get_vocab() != tokenizer.get_vocab():
+        raise DifflmError(f"teacher {path} uses a different tokenizer from the model (vocabularies differ: "
+                          f"{len(teacher_tok)} vs {len(tokenizer)} tokens); train it with `difflm train-teacher "
+                          f"--model MODEL_DIR`")
+    return teacher, teacher_tok
+
+
+def lm_score(teacher, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int = 64,
+             progress: Optional[Callable[[int], None]] = None) -> float:
+    """exp(mean token NLL) of `texts` under the teacher: tokens after START through END, corpus-level mean
+    (Diffusion-LM's lm-score)."""
+    ids, _ = encode(list(texts), tokenizer, seq_len)
+    ids = ids.to(next(teacher.parameters()).device)
+    return math.exp(_mean_nll(teacher, ids, tokenizer.pad_token_id, batch_size, progress))
