@@ -86,3 +86,22 @@ def test_eval_bad_inputs(tiny_run, teacher_dir, tmp_path, capsys):
     capsys.readouterr()
     assert_user_error(capsys, base + ["--teacher", str(other)], "uses a different tokenizer")
     assert not (tmp_path / "ev").exists()
+
+
+def test_metrics_load_offline_as_evaluate_modules(tiny_run, teacher_dir):
+    import evaluate
+
+    from difflm.errors import DifflmError
+    from difflm.evaluate_modules import MODULES, module_path
+
+    texts = ["Aromi is a pub .", "Zizzi is a cheap pub ."]
+    mods = {name: evaluate.load(module_path(name)) for name in MODULES}
+    div = mods["diversity"].compute(predictions=texts, reference_texts=texts)
+    assert div["distinct_1"] == pytest.approx(7 / 11) and div["reference_unigram_entropy"] > 0
+    assert mods["grammar"].compute(predictions=texts + ["pub pub"])["grammatical_share"] == pytest.approx(2 / 3)
+    score = mods["lm_score"].compute(predictions=texts, teacher=str(teacher_dir), seq_len=24)["lm_score"]
+    assert score > 1
+    bound = mods["elbo_bound"].compute(predictions=texts, model=str(tiny_run / "model"), draws=2)
+    assert bound["sequences"] == 2 and bound["nats_per_token"]["mean"] > 0
+    with pytest.raises(DifflmError, match="unknown metric module"):
+        module_path("rouge")
