@@ -227,13 +227,19 @@ class GrammarReport:
     grammatical_share: float
     samples: int
     mean_log_prob_of_grammatical: Optional[float]  # nats per sentence, over the grammatical samples
+    # exp(-sum log p / sum (words + 1)) over the grammatical samples: the true distribution's perplexity of them,
+    # counted like lm-score (words and END), so the teacher's lm-score of the same samples can be set beside it
+    exact_perplexity_of_grammatical: Optional[float]
+    true_perplexity: float  # exp(entropy per token): what a perfect generator's samples score on average
 
 
 def grammar_report(grammar, texts: Sequence[str]) -> GrammarReport:
-    log_probs = [grammar.log_prob(t) for t in texts]
-    ok = [lp for lp in log_probs if lp > -math.inf]
+    scored = [(grammar.log_prob(t), len(t.split()) + 1) for t in texts]
+    ok = [(lp, n) for lp, n in scored if lp > -math.inf]
+    per_token = grammar.entropy() / (grammar.expected_length() + 1)
     return GrammarReport(
-        entropy_per_sentence=grammar.entropy(),
-        entropy_per_token=grammar.entropy() / (grammar.expected_length() + 1),
+        entropy_per_sentence=grammar.entropy(), entropy_per_token=per_token,
         grammatical_share=len(ok) / len(texts) if texts else float("nan"), samples=len(texts),
-        mean_log_prob_of_grammatical=sum(ok) / len(ok) if ok else None)
+        mean_log_prob_of_grammatical=sum(lp for lp, _ in ok) / len(ok) if ok else None,
+        exact_perplexity_of_grammatical=math.exp(-sum(lp for lp, _ in ok) / sum(n for _, n in ok)) if ok else None,
+        true_perplexity=math.exp(per_token))

@@ -100,10 +100,13 @@ def markdown(ev: Evaluation, plots: List[str], command: str) -> str:
     if "grammar" in m:
         g = m["grammar"]
         lp = g["mean_log_prob_of_grammatical"]
+        ppl = g["exact_perplexity_of_grammatical"]
         lines += ["## Embedded grammar (exact)", "", "| grammatical | entropy / sentence | entropy / token | "
-                  "mean log p of grammatical samples |", "| ---: | ---: | ---: | ---: |",
+                  "true perplexity | mean log p of grammatical samples | their exact perplexity |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |",
                   f"| {100 * g['grammatical_share']:.1f}% | {g['entropy_per_sentence']:.3f} | "
-                  f"{g['entropy_per_token']:.3f} | {'' if lp is None else f'{lp:.3f}'} |", ""]
+                  f"{g['entropy_per_token']:.3f} | {g['true_perplexity']:.3f} | {'' if lp is None else f'{lp:.3f}'} | "
+                  f"{'' if ppl is None else f'{ppl:.3f}'} |", ""]
     if ev.examples:
         lines += ["## Samples", ""] + [f"- {t}" for t in ev.examples] + [""]
     lines += [f"![{p}]({p})" for p in plots]

@@ -46,6 +46,8 @@ def test_grammar_report():
     rep = grammar_report(g, ["Aromi is a pub .", "Aromi is is a pub ."])
     assert rep.grammatical_share == 0.5 and rep.mean_log_prob_of_grammatical == pytest.approx(g.log_prob("Aromi is a pub ."))
     assert rep.entropy_per_token == pytest.approx(g.entropy() / (g.expected_length() + 1))
+    assert rep.exact_perplexity_of_grammatical == pytest.approx(math.exp(-g.log_prob("Aromi is a pub .") / 6))
+    assert rep.true_perplexity == pytest.approx(math.exp(rep.entropy_per_token))
 
 
 @pytest.fixture(scope="module")
