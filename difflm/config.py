@@ -56,10 +56,11 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    engine: str = "torch"
-    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
+class LoopConfig:
+    """What every training loop reads (train.TorchEngine, train.run_loop); sections below set their defaults."""
+
     out_dir: str = "runs/default"
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
     seed: int = 0
     batch_size: int = 64
     lr: float = 1e-4
@@ -68,35 +69,33 @@ class TrainConfig:
     max_steps: int = 1000
     max_minutes: float = 0.0  # stop early after this much wall time (0: no limit); the log says so
     grad_clip: float = 1.0
-    ema_decay: float = 0.9999
     log_every: int = 10
     eval_every: int = 200
-    eval_batches: int = 4
     save_every: int = 1000
+
+
+@dataclass(frozen=True)
+class TrainConfig(LoopConfig):
+    engine: str = "torch"
+    ema_decay: float = 0.9999
+    eval_batches: int = 4
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
 
 
 @dataclass(frozen=True)
-class TeacherConfig:
+class TeacherConfig(LoopConfig):
     """The autoregressive teacher LM for lm-score: a GPT-2 trained from scratch on the same data and tokenizer."""
 
     out_dir: str = "runs/teacher"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    eval_every: int = 500
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
     dropout: float = 0.1
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    max_steps: int = 2000
-    max_minutes: float = 0.0
-    grad_clip: float = 1.0
-    weight_decay: float = 0.01
-    log_every: int = 10
-    eval_every: int = 500
-    save_every: int = 1000
-    seed: int = 0
-    device: str = "auto"
 
 
 @dataclass(frozen=True)

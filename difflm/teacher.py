@@ -15,7 +15,7 @@ from .config import Config, save_config
 from .data import encode, special_ids
 from .errors import DifflmError
 from .files import AtomicDir
-from .train import TorchEngine, batches, prepare_data, resolve_device, run_loop
+from .train import TorchEngine, batches, check_loop_config, prepare_data, resolve_device, run_loop
 
 log = logging.getLogger("difflm")
 
@@ -59,9 +59,7 @@ def train_teacher(cfg: Config, tokenizer=None, show_progress: bool = True) -> Pa
     """Train the teacher on cfg.data (with `tokenizer`, normally the diffusion model's) and save it to
     `teacher.out_dir` with save_pretrained, tokenizer included."""
     t = cfg.teacher
-    for name in ("batch_size", "max_steps", "log_every", "eval_every", "save_every"):
-        if getattr(t, name) < 1:
-            raise DifflmError(f"teacher.{name} must be positive, got {getattr(t, name)}")
+    check_loop_config(t, "teacher")
     torch.manual_seed(t.seed)
     device = resolve_device(t.device)
     tokenizer, train_ids, dev_ids = prepare_data(cfg, tokenizer)

@@ -18,7 +18,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .config import Config, TrainConfig, save_config
+from .config import Config, LoopConfig, save_config
 from .data import build_tokenizer, encode, load_texts, load_tokenizer, special_ids
 from .diffusion import PREDICTIONS
 from .errors import DifflmError
@@ -43,7 +43,7 @@ class TrainResult:
 class TorchEngine:
     """Plain PyTorch: AdamW, LR warm-up then linear decay to zero at max_steps, gradient-norm clipping."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
+    def __init__(self, model: torch.nn.Module, cfg: LoopConfig):
         self.model, self.cfg = model, cfg
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
@@ -64,7 +64,7 @@ class TorchEngine:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: LoopConfig) -> float:
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     span = max(1, cfg.max_steps - cfg.warmup_steps)
@@ -148,13 +148,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_loop_config(cfg: LoopConfig, section: str) -> None:
+    for name in ("batch_size", "max_steps", "log_every", "eval_every", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise DifflmError(f"{section}.{name} must be positive, got {getattr(cfg, name)}")
+
+
 def _check(cfg: Config) -> None:
     t = cfg.train
     if t.engine not in ENGINES:
         raise DifflmError(f"train.engine {t.engine!r} is not available; choose one of {', '.join(ENGINES)}")
-    for name in ("batch_size", "max_steps", "log_every", "eval_every", "save_every"):
-        if getattr(t, name) < 1:
-            raise DifflmError(f"train.{name} must be positive, got {getattr(t, name)}")
+    check_loop_config(t, "train")
     if cfg.data.seq_len < 3:
         raise DifflmError(f"data.seq_len must be at least 3 (START, one token, END), got {cfg.data.seq_len}")
     m, d = cfg.model, cfg.diffusion
@@ -218,13 +222,13 @@ class LoopResult:
     last_eval: dict
 
 
-def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Callable[[int], None], cfg,
+def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Callable[[int], None], cfg: LoopConfig,
              metrics_path: Path, after_step: Optional[Callable[[int], None]] = None, show_progress: bool = True,
              desc: str = "train") -> LoopResult:
     """The loop shared by every trainer: step, log a JSON line every `log_every`, evaluate every `eval_every`,
     save every `save_every`, and stop at `max_steps` or (saying so) after `max_minutes` of wall time.
 
-    `next_loss() -> (loss, {name: float})` draws a batch and computes its loss; `cfg` has the fields above."""
+    `next_loss() -> (loss, {name: float})` draws a batch and computes its loss."""
     start, step, stopped_by_time, last_eval = time.time(), 0, False, {}
     bar = tqdm(total=cfg.max_steps, desc=desc, disable=not show_progress, dynamic_ncols=True)
     with open(metrics_path, "w") as metrics:
