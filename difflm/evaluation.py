@@ -138,6 +138,8 @@ def evaluate_model(model, tokenizer, cfg: Config, samples: Optional[List[str]], 
             "held_out_text": lm_score(teacher_model, teacher_tok, dev_texts, model.config.seq_len)}
     if "diversity" in metrics:
         result.metrics["diversity"] = asdict(diversity(samples, reference=dev_texts))
+        # the same statistics of as many held-out texts: distinct-n and self-BLEU depend on the count
+        result.metrics["diversity_held_out"] = asdict(diversity(dev_texts[: len(samples)]))
     if "grammar" in metrics:
         if not cfg.data.source.startswith("builtin:"):
             raise DifflmError(f"the grammar metric needs a model trained on the embedded grammar "

@@ -91,12 +91,14 @@ def markdown(ev: Evaluation, plots: List[str], command: str) -> str:
         lines += ["## lm-score (teacher LM perplexity)", "", "| samples | held-out text (the floor) |",
                   "| ---: | ---: |", f"| {m['lm_score']['samples']:.3f} | {m['lm_score']['held_out_text']:.3f} |", ""]
     if "diversity" in m:
-        d = m["diversity"]
-        ref = d["reference_unigram_entropy"]
-        lines += ["## Diversity", "", "| distinct-1 | distinct-2 | distinct-3 | self-BLEU | unigram entropy | "
-                  "held-out unigram entropy |", "| ---: | ---: | ---: | ---: | ---: | ---: |",
-                  f"| {d['distinct_1']:.3f} | {d['distinct_2']:.3f} | {d['distinct_3']:.3f} | {d['self_bleu']:.3f} | "
-                  f"{d['unigram_entropy']:.3f} | {'' if ref is None else f'{ref:.3f}'} |", ""]
+        lines += ["## Diversity", "", "Held-out text: as many texts as samples, since distinct-n and self-BLEU depend "
+                  "on the count.", "", "| text | distinct-1 | distinct-2 | distinct-3 | self-BLEU | unigram entropy |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for label, key in (("samples", "diversity"), ("held-out", "diversity_held_out")):
+            d = m[key]
+            lines.append(f"| {label} | {d['distinct_1']:.3f} | {d['distinct_2']:.3f} | {d['distinct_3']:.3f} | "
+                         f"{d['self_bleu']:.3f} | {d['unigram_entropy']:.3f} |")
+        lines.append("")
     if "grammar" in m:
         g = m["grammar"]
         lp = g["mean_log_prob_of_grammatical"]

@@ -58,7 +58,7 @@ def test_eval_writes_json_markdown_and_plots(tiny_run, teacher_dir, tmp_path, ca
                        "--num-samples", "8", "--steps", "10", "--held-out", "16", "--bound-draws", "4", "--no-progress")
     assert code == 0, err
     m = json.loads((out / "metrics.json").read_text())["metrics"]
-    assert set(m) == {"bound_discrete", "bound_continuous", "lm_score", "diversity", "grammar"}
+    assert set(m) == {"bound_discrete", "bound_continuous", "lm_score", "diversity", "diversity_held_out", "grammar"}
     b = m["bound_discrete"]
     assert sum(v * (-1 if k == "entropy" else 1) for k, v in b["terms_per_sequence"].items()) == pytest.approx(
         b["nats_per_sequence"]["mean"], rel=1e-6)  # the terms add up to the bound
