@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import List
 
 from .evaluation import Evaluation
-from .files import AtomicDir
 
 
 def _plots(ev: Evaluation, out: Path) -> List[str]:
@@ -116,9 +118,17 @@ def markdown(ev: Evaluation, plots: List[str], command: str) -> str:
 
 
 def write_report(ev: Evaluation, out_dir, command: str) -> Path:
+    """Write the report's files into `out_dir` (created if needed). Everything is made in a temporary folder
+    first and then renamed into place file by file; other files in `out_dir` are left alone."""
     out = Path(out_dir)
-    with AtomicDir(out) as tmp:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".report.", dir=out))
+    try:
         plots = _plots(ev, tmp)
         (tmp / "metrics.json").write_text(json.dumps(ev.to_dict(), indent=2) + "\n")
         (tmp / "report.md").write_text(markdown(ev, plots, command))
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -67,6 +67,12 @@ def test_eval_writes_json_markdown_and_plots(tiny_run, teacher_dir, tmp_path, ca
     assert "lm-score" in report and "perplexity bound" in report
     for png in ("denoising.png", "elbo_terms.png", "trajectories.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # a report written into a training run's folder leaves the run alone
+    code, _, err = run(capsys, "eval", "--model", str(tiny_run), "--out", str(tiny_run), "--metrics", "diversity",
+                       "--num-samples", "4", "--steps", "5", "--no-progress")
+    assert code == 0, err
+    assert (tiny_run / "model" / "model.safetensors").is_file() and (tiny_run / "report.md").is_file()
+    assert not list(tiny_run.glob(".report.*"))
 
 
 def test_eval_bad_inputs(tiny_run, teacher_dir, tmp_path, capsys):
