@@ -19,7 +19,7 @@ from .data import decode, encode, load_texts
 from .errors import DifflmError
 from .metrics import bound_report, diversity, grammar_report
 from .rounding import round_to_tokens
-from .text import generate
+from .text import embed_with_noise, generate
 
 log = logging.getLogger("difflm")
 METRICS = ("bound", "lm_score", "diversity", "grammar")
@@ -69,10 +69,7 @@ def denoising_curve(model, ids: torch.Tensor, points: int = 40, seed: int = 0) -
     d = model.diffusion
     steps = torch.logspace(math.log10(2), math.log10(d.num_steps), points).round().long().unique()
     g = torch.Generator(device=ids.device).manual_seed(seed)
-    emb = model.embed(ids)
-    b = ids.shape[0]
-    var0 = 1 - d.alpha_bar(d.first_t(b, ids.device, emb.dtype))
-    x0 = emb + var0.sqrt()[:, None, None] * torch.randn(emb.shape, generator=g, device=emb.device)
+    x0, b = embed_with_noise(model, ids, g).x0, ids.shape[0]
     ts, mse, kl = [], [], []
     for i in steps.tolist():
         t = torch.full((b,), i / d.num_steps, device=ids.device)

@@ -14,6 +14,7 @@ import torch
 
 from .diffusion import GaussianDiffusion
 from .rounding import rounding_nll
+from .text import embed_with_noise
 
 LN2 = math.log(2.0)
 
@@ -64,14 +65,11 @@ def text_bound(model, ids: torch.Tensor, continuous: bool = False, generator: Op
     diffusion = model.diffusion
     if continuous:
         diffusion = continuous_twin(diffusion)
-    emb = model.embed(ids)  # (B, L, d)
-    b = ids.shape[0]
-    var0 = 1 - model.diffusion.alpha_bar(model.diffusion.first_t(b, ids.device, emb.dtype))  # (B,)
-    eps = torch.randn(emb.shape, generator=generator, device=emb.device, dtype=emb.dtype)
-    x0 = emb + var0.sqrt()[:, None, None] * eps
-    t = diffusion.sample_t(b, ids.device, generator=generator, low_step=2, dtype=emb.dtype, stratum=stratum)
+    latent = embed_with_noise(model, ids, generator)
+    x0 = latent.x0
+    t = diffusion.sample_t(ids.shape[0], ids.device, generator=generator, low_step=2, dtype=x0.dtype, stratum=stratum)
     terms = diffusion.elbo(lambda x, t: model(x, t), x0, t=t, generator=generator)
-    entropy = 0.5 * emb[0].numel() * (1 + torch.log(2 * math.pi * var0))
+    entropy = 0.5 * x0[0].numel() * (1 + torch.log(2 * math.pi * latent.var0))
     return TextBound(rounding=rounding_nll(x0, model.embedding.weight, ids), reconstruction=terms.reconstruction,
                      diffusion=terms.diffusion, prior=terms.prior, entropy=entropy)
 

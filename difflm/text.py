@@ -27,6 +27,24 @@ class TextLoss:
     prior: torch.Tensor
 
 
+@dataclass
+class EmbeddingLatent:
+    """A draw of x0 ~ q(x0 | w) = N(Emb(w), var0 I), var0 = 1 - abar_1: the embedding plus first-step noise."""
+
+    emb: torch.Tensor  # (B, L, d)
+    x0: torch.Tensor  # (B, L, d)
+    var0: torch.Tensor  # (B,)
+
+
+def embed_with_noise(model: TextDiffusionModel, ids: torch.Tensor,
+                     generator: Optional[torch.Generator] = None) -> EmbeddingLatent:
+    emb = model.embed(ids)  # (B, L, d)
+    d = model.diffusion
+    var0 = 1 - d.alpha_bar(d.first_t(ids.shape[0], ids.device, emb.dtype))  # (B,)
+    noise = torch.randn(emb.shape, generator=generator, device=emb.device, dtype=emb.dtype)
+    return EmbeddingLatent(emb=emb, x0=emb + var0.sqrt()[:, None, None] * noise, var0=var0)
+
+
 def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[torch.Generator] = None) -> TextLoss:
     """Diffusion-LM's end-to-end objective (Li et al. 2022, eq. 2) for token ids (B, L).
 
@@ -44,11 +62,9 @@ def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
     prior terms are means per latent element, the rounding term a mean per token position.
     """
     diffusion = model.diffusion
-    emb = model.embed(ids)  # (B, L, d)
-    b = ids.shape[0]
+    latent = embed_with_noise(model, ids, generator)
+    emb, x0, b = latent.emb, latent.x0, ids.shape[0]
     t1 = diffusion.first_t(b, ids.device, emb.dtype)
-    sigma0 = (1 - diffusion.alpha_bar(t1)).sqrt()[:, None, None]
-    x0 = emb + sigma0 * torch.randn(emb.shape, generator=generator, device=emb.device, dtype=emb.dtype)
     t = diffusion.sample_t(b, ids.device, generator=generator, dtype=emb.dtype)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     out = diffusion.denoise(_training_model_fn(model, generator), x0, t, noise)
