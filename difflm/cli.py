@@ -28,7 +28,8 @@ def _setup_logging(verbose: bool) -> None:
     handler.setFormatter(logging.Formatter("difflm: %(message)s"))
     root = logging.getLogger("difflm")
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    quiet_rank = os.environ.get("RANK", "0") != "0"  # under a launcher, rank 0 speaks for all
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet_rank else logging.INFO)
     root.propagate = False
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
@@ -47,6 +48,8 @@ def cmd_train(args) -> None:
     from .config import load_config
     from .train import train
 
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = load_config(args.config, args.overrides)
     train(cfg, show_progress=not args.no_progress)
 
@@ -168,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="configs/NAME.yaml")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=500")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher (LOCAL_RANK)")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="sample fixed-length text from a trained model")
@@ -227,7 +232,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("difflm: interrupted", file=sys.stderr)
         return 130
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_distributed()
     return 0
+
+
+def _exit_distributed() -> None:
+    """Leave a multi-process run cleanly: gloo workers sometimes abort in interpreter teardown after all work is
+    done ("terminate called without an active exception"), so shut the group down and exit at once."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """What every training loop reads (train.TorchEngine, train.run_loop); sections below set their defaults."""
+    """What every training loop reads (engines.TorchEngine, train.run_loop); sections below set their defaults."""
 
     out_dir: str = "runs/default"
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
@@ -76,7 +76,12 @@ class LoopConfig:
 
 @dataclass(frozen=True)
 class TrainConfig(LoopConfig):
-    engine: str = "torch"
+    engine: str = "torch"  # torch (plain PyTorch, the CPU default) or deepspeed
+    precision: str = "fp32"  # fp32, bf16 or fp16 (deepspeed engine)
+    grad_accum: int = 1  # gradient accumulation steps (deepspeed engine)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
+    offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
+    deepspeed_config: str = ""  # a DeepSpeed JSON laid over the generated one (it may add keys, not contradict)
     ema_decay: float = 0.9999
     eval_batches: int = 4
     threads: int = 0  # torch CPU threads; 0 leaves torch's default

@@ -94,7 +94,8 @@ class TextDiffusionModel(PreTrainedModel):
         With `config.self_condition` (Chen et al. 2023, "Analog Bits") the network also reads `x0_self`, its own
         previous estimate of x0 (zeros when absent).
         """
-        temb = self.time_embed(timestep_embedding(t, self.config.hidden_size))  # (B, H)
+        features = timestep_embedding(t, self.config.hidden_size).to(x_t.dtype)  # (B, H); bf16 under DeepSpeed
+        temb = self.time_embed(features)  # (B, H)
         if self.config.self_condition:
             x_t = torch.cat([x_t, torch.zeros_like(x_t) if x0_self is None else x0_self], dim=-1)  # (B, L, 2d)
         h = self.input_proj(x_t) + temb[:, None, :]  # (B, L, H); BERT's embeddings add positions + LayerNorm

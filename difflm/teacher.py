@@ -15,7 +15,8 @@ from .config import Config, save_config
 from .data import encode, special_ids
 from .errors import DifflmError
 from .files import AtomicDir
-from .train import TorchEngine, batches, check_loop_config, prepare_data, resolve_device, run_loop
+from .engines import TorchEngine
+from .train import batches, check_loop_config, prepare_data, resolve_device, run_loop
 
 log = logging.getLogger("difflm")
 

@@ -1,8 +1,8 @@
 """The training loop: data -> tokenizer -> model -> AdamW (warm-up, linear decay), clipping, EMA, dev loss,
 atomic checkpoints, a progress bar and JSON-lines metrics.
 
-The optimizer step lives in an engine object (`TorchEngine`) so that another engine (DeepSpeed) can take its
-place without touching the loop.
+The optimizer step lives in an engine object (`engines.TorchEngine` or `engines.DeepSpeedEngine`), so the loop
+is the same for both.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from .config import Config, LoopConfig, save_config
 from .data import build_tokenizer, encode, load_texts, load_tokenizer, special_ids
 from .diffusion import PREDICTIONS
+from .engines import engine_config, make_engine
 from .errors import DifflmError
 from .files import AtomicDir
 from .modeling import TextDiffusionConfig, TextDiffusionModel
@@ -28,7 +30,6 @@ from .schedules import SCHEDULES
 from .text import save_model, text_loss
 
 log = logging.getLogger("difflm")
-ENGINES = ("torch",)
 TRAINING_CONFIG = "training_config.yaml"  # saved beside the weights: the data a model was trained on
 
 
@@ -38,37 +39,6 @@ class TrainResult:
     steps: int
     stopped_by_time: bool
     dev_loss: float
-
-
-class TorchEngine:
-    """Plain PyTorch: AdamW, LR warm-up then linear decay to zero at max_steps, gradient-norm clipping."""
-
-    def __init__(self, model: torch.nn.Module, cfg: LoopConfig):
-        self.model, self.cfg = model, cfg
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-
-    def step(self, loss: torch.Tensor) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        return float(norm)
-
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-
-def lr_factor(step: int, cfg: LoopConfig) -> float:
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    return max(0.0, 1.0 - (step - cfg.warmup_steps) / span)
 
 
 class EMA:
@@ -82,7 +52,7 @@ class EMA:
     def update(self, model: torch.nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
         for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p, 1 - d)
+            e.lerp_(p.to(e.dtype), 1 - d)  # the average stays fp32 when training casts the model to bf16/fp16
 
 
 def prepare_data(cfg: Config, tokenizer=None):
@@ -135,10 +105,19 @@ def batches(ids: torch.Tensor, batch_size: int, seed: int):
             yield ids[order[i: i + batch_size]]
 
 
+def rank() -> int:
+    """This process's global rank under a distributed launcher (0 without one)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def resolve_device(name: str) -> torch.device:
-    """`auto` is cuda when a GPU is visible, else cpu."""
+    """`auto` is cuda when a GPU is visible (cuda:LOCAL_RANK under a launcher), else cpu."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -156,8 +135,7 @@ def check_loop_config(cfg: LoopConfig, section: str) -> None:
 
 def _check(cfg: Config) -> None:
     t = cfg.train
-    if t.engine not in ENGINES:
-        raise DifflmError(f"train.engine {t.engine!r} is not available; choose one of {', '.join(ENGINES)}")
+    engine_config(t)
     check_loop_config(t, "train")
     if cfg.data.seq_len < 3:
         raise DifflmError(f"data.seq_len must be at least 3 (START, one token, END), got {cfg.data.seq_len}")
@@ -186,13 +164,15 @@ def train(cfg: Config, show_progress: bool = True) -> TrainResult:
     log.info("model: %.2fM parameters (denoiser %d x %d, embedding dim %d), %s schedule, T=%s, predicts %s",
              sum(p.numel() for p in model.parameters()) / 1e6, cfg.model.num_layers, cfg.model.hidden_size,
              cfg.model.embed_dim, cfg.diffusion.schedule, cfg.diffusion.num_steps, cfg.diffusion.prediction)
-    engine = TorchEngine(model, t)
-    ema = EMA(model, t.ema_decay)
+    ema = EMA(model, t.ema_decay)  # an fp32 copy, taken before an engine may cast the model
+    engine = make_engine(model, t)
+    main = rank() == 0  # under a launcher only rank 0 writes; each rank draws its own batches
     out = Path(t.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    g = torch.Generator(device=device).manual_seed(t.seed)
-    data = batches(train_ids, t.batch_size, t.seed)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    g = torch.Generator(device=device).manual_seed(t.seed + rank())
+    data = batches(train_ids, t.batch_size, t.seed + rank())
 
     def next_loss():
         losses = text_loss(model, next(data), generator=g)
@@ -203,10 +183,12 @@ def train(cfg: Config, show_progress: bool = True) -> TrainResult:
         return {"dev_loss": dev_loss(model, dev_ids, t.batch_size, t.eval_batches),
                 "dev_loss_ema": dev_loss(ema.model, dev_ids, t.batch_size, t.eval_batches)}
 
-    result = run_loop(engine, next_loss, evaluate, lambda step: save_checkpoint(out, model, ema, engine, tokenizer,
-                                                                                  step, cfg),
-                      t, out / "metrics.jsonl", after_step=lambda step: ema.update(model, step),
-                      show_progress=show_progress)
+    def save(step):
+        if main:
+            save_checkpoint(out, model, ema, engine, tokenizer, step, cfg)
+
+    result = run_loop(engine, next_loss, evaluate, save, t, out / "metrics.jsonl" if main else Path(os.devnull),
+                      after_step=lambda step: ema.update(model, step), show_progress=show_progress and main)
     last_dev = result.last_eval.get("dev_loss_ema", float("nan"))
     log.info("trained %d steps in %.1f min; dev loss (EMA) %.4f; model saved to %s",
              result.steps, result.minutes, last_dev, out / "model")
@@ -266,7 +248,7 @@ def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Ca
                       last_eval=last_eval)
 
 
-def save_checkpoint(out: Path, model, ema: EMA, engine: TorchEngine, tokenizer, step: int, cfg: Config) -> None:
+def save_checkpoint(out: Path, model, ema: EMA, engine, tokenizer, step: int, cfg: Config) -> None:
     """The EMA model for generation (`model/`) and the full training state (`checkpoint/`), each atomically."""
     save_model(ema.model, tokenizer, out / "model", extra_files={TRAINING_CONFIG: yaml.safe_dump(cfg.to_dict())})
     with AtomicDir(out / "checkpoint") as tmp:

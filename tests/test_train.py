@@ -8,7 +8,8 @@ import torch
 
 from difflm.config import TrainConfig, load_config
 from difflm.errors import DifflmError
-from difflm.train import EMA, batches, lr_factor, resolve_device, train
+from difflm.engines import lr_factor
+from difflm.train import EMA, batches, resolve_device, train
 
 from conftest import ROOT
 

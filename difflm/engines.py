@@ -1,0 +1,201 @@
+"""Optimizer engines behind the training loop: plain PyTorch, and DeepSpeed (the only importer of deepspeed).
+
+An engine owns the optimizer and LR schedule; `step(loss)` does backward, clipping, the update and the schedule,
+and returns the gradient norm. The DeepSpeed config is generated from the training config; a user's DeepSpeed
+JSON may add to it, but may not contradict it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from .config import LoopConfig, TrainConfig
+from .errors import DifflmError
+
+log = logging.getLogger("difflm")
+ENGINES = ("torch", "deepspeed")
+PRECISIONS = ("fp32", "bf16", "fp16")
+ZERO_STAGES = (0, 1, 2)  # ZeRO-3 needs the tied rounding head gathered outside its module: not supported yet
+
+
+def lr_factor(step: int, cfg: LoopConfig) -> float:
+    """Linear warm-up over warmup_steps, then linear decay to zero at max_steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    return max(0.0, 1.0 - (step - cfg.warmup_steps) / span)
+
+
+def _optimizer(model: torch.nn.Module, cfg: LoopConfig):
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+
+
+class TorchEngine:
+    """Plain PyTorch: AdamW, LR warm-up then linear decay to zero at max_steps, gradient-norm clipping."""
+
+    def __init__(self, model: torch.nn.Module, cfg: LoopConfig):
+        self.model, self.cfg = model, cfg
+        self.optimizer, self.scheduler = _optimizer(model, cfg)
+
+    def step(self, loss: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    """The DeepSpeed JSON implied by the training config (optimizer and LR schedule are passed as torch objects,
+    AdamW and the warm-up/decay LambdaLR, so that no DeepSpeed op needs a JIT build)."""
+    if cfg.zero_stage not in ZERO_STAGES:
+        raise DifflmError(f"train.zero_stage {cfg.zero_stage} is not supported; choose one of "
+                          f"{', '.join(map(str, ZERO_STAGES))} (ZeRO-3 is not implemented yet)")
+    if cfg.precision not in PRECISIONS:
+        raise DifflmError(f"train.precision {cfg.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+    zero = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        if cfg.zero_stage == 0:
+            raise DifflmError("train.offload_optimizer needs train.zero_stage 1 or 2")
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size(),
+        "gradient_clipping": cfg.grad_clip,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16"},
+        "zero_optimization": zero,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def merge_user_config(generated: dict, path: str) -> dict:
+    """The generated config with a user's DeepSpeed JSON laid over it; keys that the training config decides
+    must agree with it (each disagreement is named)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DifflmError(f"DeepSpeed config {path} does not exist")
+    try:
+        user = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise DifflmError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(user, dict):
+        raise DifflmError(f"DeepSpeed config {path} must hold a JSON object")
+    for key in ("optimizer", "scheduler"):
+        if key in user:
+            raise DifflmError(f"DeepSpeed config {path} sets {key!r}; difflm sets the optimizer and schedule from "
+                              f"train.lr, train.weight_decay, train.warmup_steps and train.max_steps")
+    ours, theirs = _flatten(generated), _flatten(user)
+    clashes = [f"{k}={theirs[k]!r} (training config: {ours[k]!r})" for k in theirs
+               if k in ours and k not in ("steps_per_print", "wall_clock_breakdown") and theirs[k] != ours[k]]
+    if clashes:
+        raise DifflmError(f"DeepSpeed config {path} contradicts the training config: {'; '.join(clashes)}; "
+                          f"drop those keys from the JSON or change the training config")
+    merged = json.loads(json.dumps(generated))
+    for key, value in user.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_distributed_env() -> None:
+    """A single process run without a launcher: set what torch.distributed needs (else DeepSpeed looks for MPI)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+
+
+class DeepSpeedEngine:
+    """DeepSpeed's engine around the same torch AdamW and schedule (ZeRO stages 0-2, bf16/fp16, offload)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
+        import deepspeed
+
+        ensure_distributed_env()
+        # skip the shared-memory communication op: its JIT build costs ~50 s and single-node CPU runs do not need it
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        ds_config = engine_config(cfg)
+        optimizer, scheduler = _optimizer(model, cfg)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.model = self.engine.module
+        log.info("deepspeed: ZeRO stage %d, %s, micro-batch %d x accumulation %d x %d processes", cfg.zero_stage,
+                 cfg.precision, cfg.batch_size, cfg.grad_accum, world_size())
+
+    def step(self, loss: torch.Tensor) -> float:
+        self.engine.backward(loss)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+
+def engine_config(cfg: TrainConfig):
+    """Check the engine settings (before any data is loaded); the DeepSpeed JSON for the deepspeed engine."""
+    if cfg.engine not in ENGINES:
+        raise DifflmError(f"train.engine {cfg.engine!r} is not available; choose one of {', '.join(ENGINES)}")
+    if cfg.engine == "torch":
+        if cfg.precision != "fp32" or cfg.grad_accum != 1 or cfg.deepspeed_config or cfg.zero_stage:
+            raise DifflmError("train.precision, train.grad_accum, train.zero_stage and train.deepspeed_config apply "
+                              "to train.engine=deepspeed; the torch engine trains fp32 without accumulation")
+        return None
+    if cfg.grad_accum < 1:
+        raise DifflmError(f"train.grad_accum must be positive, got {cfg.grad_accum}")
+    ds_config = deepspeed_config(cfg)
+    if cfg.precision == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        raise DifflmError("train.precision=bf16 needs a CUDA GPU with bf16 support; use fp32 here")
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise DifflmError("train.precision=fp16 needs a CUDA GPU; use fp32 here")
+    if cfg.deepspeed_config:
+        ds_config = merge_user_config(ds_config, cfg.deepspeed_config)
+    return ds_config
+
+
+def make_engine(model: torch.nn.Module, cfg: TrainConfig):
+    return DeepSpeedEngine(model, cfg) if cfg.engine == "deepspeed" else TorchEngine(model, cfg)
