@@ -51,7 +51,7 @@ def cmd_train(args) -> None:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = load_config(args.config, args.overrides)
-    train(cfg, show_progress=not args.no_progress)
+    train(cfg, show_progress=not args.no_progress, resume=args.resume)
 
 
 def _config_for_model(args):
@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="configs/NAME.yaml")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=500")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--resume", action="store_true", help="continue exactly from <out_dir>/checkpoint")
     t.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher (LOCAL_RANK)")
     t.set_defaults(func=cmd_train)

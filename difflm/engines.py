@@ -56,8 +56,16 @@ class TorchEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    can_save_state = True
+
+    def save_state(self, folder: Path) -> None:
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   folder / "engine.pt")
+
+    def load_state(self, folder: Path) -> None:
+        state = torch.load(folder / "engine.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
 
 def world_size() -> int:
@@ -172,8 +180,18 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    @property
+    def can_save_state(self) -> bool:
+        # DeepSpeed's checkpoint is collective; the loop saves from rank 0 only, so multi-process runs keep weights
+        return world_size() == 1
+
+    def save_state(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag="engine")
+
+    def load_state(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag="engine")
+        if path is None:
+            raise DifflmError(f"no DeepSpeed engine state in {folder}; the checkpoint is partial")
 
 
 def engine_config(cfg: TrainConfig):

@@ -16,7 +16,7 @@ from .data import encode, special_ids
 from .errors import DifflmError
 from .files import AtomicDir
 from .engines import TorchEngine
-from .train import batches, check_loop_config, prepare_data, resolve_device, run_loop
+from .train import BatchStream, check_loop_config, prepare_data, resolve_device, run_loop
 
 log = logging.getLogger("difflm")
 
@@ -73,7 +73,7 @@ def train_teacher(cfg: Config, tokenizer=None, show_progress: bool = True) -> Pa
     out = Path(t.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    data = batches(train_ids, t.batch_size, t.seed)
+    data = BatchStream(train_ids, t.batch_size, t.seed)
 
     def next_loss():
         nll, n = sequence_nll(model, next(data), pad)

@@ -93,16 +93,40 @@ def dev_loss(model: TextDiffusionModel, ids: torch.Tensor, batch_size: int, batc
     return sum(losses) / len(losses)
 
 
-def batches(ids: torch.Tensor, batch_size: int, seed: int):
-    """Endless shuffled batches of rows of `ids`, a new permutation each epoch (a last partial batch is dropped)."""
-    if len(ids) < batch_size:
-        log.warning("only %d training sequences: batches of %d instead of %d", len(ids), len(ids), batch_size)
-        batch_size = len(ids)
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(ids), generator=g).to(ids.device)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield ids[order[i: i + batch_size]]
+class BatchStream:
+    """Endless shuffled batches of rows of `ids`, a new permutation each epoch (a last partial batch is dropped);
+    its state (the epoch's generator state and the position in it) resumes the exact same sequence."""
+
+    def __init__(self, ids: torch.Tensor, batch_size: int, seed: int):
+        if len(ids) < batch_size:
+            log.warning("only %d training sequences: batches of %d instead of %d", len(ids), len(ids), batch_size)
+            batch_size = len(ids)
+        self.ids, self.batch_size = ids, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        self.epoch_state = self.generator.get_state()
+        self.order = torch.randperm(len(self.ids), generator=self.generator).to(self.ids.device)
+        self.position = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.position + self.batch_size > len(self.order):
+            self._new_epoch()
+        batch = self.ids[self.order[self.position: self.position + self.batch_size]]
+        self.position += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch_state": self.epoch_state, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["epoch_state"])
+        self._new_epoch()
+        self.position = state["position"]
 
 
 def rank() -> int:
@@ -150,9 +174,11 @@ def _check(cfg: Config) -> None:
         raise DifflmError(f"diffusion.num_steps must be positive, got {d.num_steps}")
 
 
-def train(cfg: Config, show_progress: bool = True) -> TrainResult:
-    """Train a text diffusion model as configured; the EMA model is saved to `<out_dir>/model`."""
+def train(cfg: Config, show_progress: bool = True, resume: bool = False) -> TrainResult:
+    """Train a text diffusion model as configured; the EMA model is saved to `<out_dir>/model`.
+    With `resume`, continue exactly from `<out_dir>/checkpoint`."""
     _check(cfg)
+    state = load_checkpoint(cfg) if resume else None
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -172,7 +198,7 @@ def train(cfg: Config, show_progress: bool = True) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     g = torch.Generator(device=device).manual_seed(t.seed + rank())
-    data = batches(train_ids, t.batch_size, t.seed + rank())
+    data = BatchStream(train_ids, t.batch_size, t.seed + rank())
 
     def next_loss():
         losses = text_loss(model, next(data), generator=g)
@@ -185,10 +211,12 @@ def train(cfg: Config, show_progress: bool = True) -> TrainResult:
 
     def save(step):
         if main:
-            save_checkpoint(out, model, ema, engine, tokenizer, step, cfg)
+            save_checkpoint(out, model, ema, engine, tokenizer, step, cfg, data, g)
 
-    result = run_loop(engine, next_loss, evaluate, save, t, out / "metrics.jsonl" if main else Path(os.devnull),
-                      after_step=lambda step: ema.update(model, step), show_progress=show_progress and main)
+    metrics_path = out / "metrics.jsonl" if main else Path(os.devnull)
+    start = restore(state, cfg, model, ema, engine, data, g, metrics_path) if state else 0
+    result = run_loop(engine, next_loss, evaluate, save, t, metrics_path, show_progress=show_progress and main,
+                      after_step=lambda step: ema.update(model, step), start_step=start)
     last_dev = result.last_eval.get("dev_loss_ema", float("nan"))
     log.info("trained %d steps in %.1f min; dev loss (EMA) %.4f; model saved to %s",
              result.steps, result.minutes, last_dev, out / "model")
@@ -206,14 +234,15 @@ class LoopResult:
 
 def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Callable[[int], None], cfg: LoopConfig,
              metrics_path: Path, after_step: Optional[Callable[[int], None]] = None, show_progress: bool = True,
-             desc: str = "train") -> LoopResult:
+             desc: str = "train", start_step: int = 0) -> LoopResult:
     """The loop shared by every trainer: step, log a JSON line every `log_every`, evaluate every `eval_every`,
     save every `save_every`, and stop at `max_steps` or (saying so) after `max_minutes` of wall time.
 
-    `next_loss() -> (loss, {name: float})` draws a batch and computes its loss."""
-    start, step, stopped_by_time, last_eval = time.time(), 0, False, {}
-    bar = tqdm(total=cfg.max_steps, desc=desc, disable=not show_progress, dynamic_ncols=True)
-    with open(metrics_path, "w") as metrics:
+    `next_loss() -> (loss, {name: float})` draws a batch and computes its loss. A resumed run starts at
+    `start_step` and appends to the metrics file."""
+    start, step, stopped_by_time, last_eval = time.time(), start_step, False, {}
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc=desc, disable=not show_progress, dynamic_ncols=True)
+    with open(metrics_path, "a" if start_step else "w") as metrics:
         while step < cfg.max_steps:
             loss, parts = next_loss()
             if not torch.isfinite(loss):
@@ -248,9 +277,74 @@ def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Ca
                       last_eval=last_eval)
 
 
-def save_checkpoint(out: Path, model, ema: EMA, engine, tokenizer, step: int, cfg: Config) -> None:
-    """The EMA model for generation (`model/`) and the full training state (`checkpoint/`), each atomically."""
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(out: Path, model, ema: EMA, engine, tokenizer, step: int, cfg: Config, data: BatchStream,
+                    generator: torch.Generator) -> None:
+    """The EMA model for generation (`model/`) and the full training state (`checkpoint/`), each atomically:
+    weights, EMA, optimizer and schedule (the engine's), the data position and every RNG, so that `--resume`
+    continues the same trajectory."""
     save_model(ema.model, tokenizer, out / "model", extra_files={TRAINING_CONFIG: yaml.safe_dump(cfg.to_dict())})
     with AtomicDir(out / "checkpoint") as tmp:
-        torch.save({"step": step, "model": model.state_dict(), "ema": ema.model.state_dict(),
-                    "engine": engine.state_dict(), "config": cfg.to_dict()}, tmp / "trainer_state.pt")
+        if engine.can_save_state:
+            (tmp / "engine").mkdir()
+            engine.save_state(tmp / "engine")
+        state = {"format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(), "ema": ema.model.state_dict(),
+                 "config": cfg.to_dict(), "data": data.state_dict(), "generator": generator.get_state(),
+                 "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                 "engine_state": engine.can_save_state}
+        torch.save(state, tmp / "trainer_state.pt")  # written last: its presence marks a complete checkpoint
+
+
+def load_checkpoint(cfg: Config) -> dict:
+    """The training state saved in `<out_dir>/checkpoint` for a run of `cfg`, or a one-line error saying what is
+    wrong with it (missing, corrupt, or from a run with another config)."""
+    out = Path(cfg.train.out_dir)
+    folder = out / "checkpoint"
+    if not (folder / "trainer_state.pt").is_file():
+        raise DifflmError(f"nothing to resume in {out}: no checkpoint/trainer_state.pt (train without --resume first)")
+    try:
+        state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or overwritten files fail inside pickle/zip in many ways
+        raise DifflmError(f"checkpoint {folder} is corrupt or partial ({type(e).__name__}); delete it to start over "
+                          f"or restore a good copy") from None
+    missing = {"format", "step", "model", "ema", "config", "data", "generator", "torch_rng"} - set(state)
+    if missing or state.get("format") != CHECKPOINT_FORMAT:
+        raise DifflmError(f"checkpoint {folder} is not a difflm checkpoint of format {CHECKPOINT_FORMAT} "
+                          f"(missing {', '.join(sorted(missing)) or 'nothing'})")
+    if not state.get("engine_state"):
+        raise DifflmError(f"checkpoint {folder} holds weights but no optimizer state (multi-process DeepSpeed runs "
+                          f"do not save it yet), so it cannot resume exactly")
+    changed = _config_changes(state["config"], cfg)
+    if changed:
+        raise DifflmError(f"--resume needs the checkpoint's config; these differ: {', '.join(changed)}")
+    state["folder"] = folder
+    return state
+
+
+def _config_changes(saved: dict, cfg: Config) -> list:
+    """Keys whose values differ between a checkpoint's config and this run's (max_minutes may change)."""
+    now = cfg.to_dict()
+    return [f"{sec}.{key}" for sec, values in now.items() for key, value in values.items()
+            if saved.get(sec, {}).get(key) != value and f"{sec}.{key}" != "train.max_minutes"]
+
+
+def restore(state: dict, cfg: Config, model, ema: EMA, engine, data: BatchStream, generator: torch.Generator,
+            metrics_path: Path) -> int:
+    """Put a run back where `state` left it; returns the step to continue from."""
+    model.load_state_dict(state["model"])
+    ema.model.load_state_dict(state["ema"])
+    engine.load_state(state["folder"] / "engine")
+    data.load_state_dict(state["data"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    step = state["step"]
+    if metrics_path.is_file():  # drop what was logged after the checkpoint
+        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l).get("step", 0) <= step]
+        metrics_path.write_text("".join(l + "\n" for l in kept))
+    log.info("resuming from step %d of %s", step, state["folder"])
+    return step

@@ -12,6 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def subprocess_env(**extra):
+    """This environment without the distributed variables that an in-process DeepSpeed run set (a child would
+    otherwise try to join that process group's port)."""
+    dist = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {**{k: v for k, v in os.environ.items() if k not in dist}, "OMP_NUM_THREADS": "1", **extra}
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A model trained for a few steps with configs/tiny.yaml through the CLI (shared by the tests)."""

@@ -10,7 +10,7 @@ from difflm.engines import deepspeed_config, merge_user_config
 from difflm.errors import DifflmError
 from difflm.train import train
 
-from conftest import ROOT
+from conftest import ROOT, subprocess_env
 from test_cli import assert_user_error
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -106,9 +106,7 @@ def test_two_processes_with_torchrun_and_gloo(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(port), "-m", "difflm.cli", "train", "--config", TINY, f"train.out_dir={tmp_path}",
                            "train.engine=deepspeed", "train.max_steps=6", "train.eval_every=3", "train.log_every=1",

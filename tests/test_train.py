@@ -9,7 +9,7 @@ import torch
 from difflm.config import TrainConfig, load_config
 from difflm.errors import DifflmError
 from difflm.engines import lr_factor
-from difflm.train import EMA, batches, resolve_device, train
+from difflm.train import EMA, BatchStream, resolve_device, train
 
 from conftest import ROOT
 
@@ -70,7 +70,13 @@ def test_unknown_engine_is_rejected(tmp_path):
 
 def test_batches_cover_each_epoch_once_and_survive_a_tiny_dataset():
     ids = torch.arange(10)[:, None]
-    it = batches(ids, 3, seed=0)
+    it = BatchStream(ids, 3, seed=0)
     epoch = torch.cat([next(it) for _ in range(3)])[:, 0].tolist()
     assert len(set(epoch)) == 9  # 3 full batches, no repeats; the 10th row waits for the next epoch
-    assert next(batches(ids[:2], 5, seed=0)).shape == (2, 1)
+    assert next(BatchStream(ids[:2], 5, seed=0)).shape == (2, 1)
+    # resuming from a saved state continues the same sequence, across an epoch boundary
+    state = it.state_dict()
+    expected = [next(it).tolist() for _ in range(4)]
+    again = BatchStream(ids, 3, seed=123)
+    again.load_state_dict(state)
+    assert [next(again).tolist() for _ in range(4)] == expected

@@ -1,0 +1,64 @@
+"""Exact resume: a run killed with SIGKILL and restarted with --resume follows the uninterrupted trajectory."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from difflm.config import load_config
+from difflm.train import train
+
+from conftest import ROOT, subprocess_env
+from test_cli import assert_user_error
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+RUN = ["train.max_steps=300", "train.save_every=10", "train.log_every=1", "train.eval_every=100",
+       "model.dropout=0.1", "model.self_condition=true"]  # dropout and the self-conditioning coin use RNGs too
+
+
+def logged(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+def kill_after_first_checkpoint(out, extra):
+    env = subprocess_env()
+    proc = subprocess.Popen([sys.executable, "-m", "difflm.cli", "train", "--config", TINY, f"train.out_dir={out}",
+                             *RUN, *extra, "--no-progress"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoint" / "trainer_state.pt").is_file():
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_resume_after_sigkill_follows_the_uninterrupted_run(tmp_path, engine):
+    extra = [f"train.engine={engine}"]
+    train(load_config(TINY, [f"train.out_dir={tmp_path / 'straight'}", *RUN, *extra]), show_progress=False)
+    straight = logged(tmp_path / "straight")
+    killed = tmp_path / "killed"
+    kill_after_first_checkpoint(killed, extra)
+    resumed = train(load_config(TINY, [f"train.out_dir={killed}", *RUN, *extra]), show_progress=False, resume=True)
+    after = logged(killed)
+    assert resumed.steps == 300 and sorted(after) == list(range(1, 301))
+    assert after == pytest.approx(straight, rel=1e-6, abs=0)  # step by step, before and after the kill
+
+
+def test_resume_errors(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--config", TINY, f"train.out_dir={out}", "train.max_steps=10", "--resume"]
+    assert_user_error(capsys, base, "nothing to resume")
+    train(load_config(TINY, [f"train.out_dir={out}", "train.max_steps=10"]), show_progress=False)
+    capsys.readouterr()
+    assert_user_error(capsys, base[:-1] + ["train.lr=0.5", "--resume"], "these differ: train.lr")
+    state = out / "checkpoint" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # a truncated file
+    assert_user_error(capsys, base, "is corrupt or partial")
