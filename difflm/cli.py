@@ -150,6 +150,24 @@ def cmd_eval(args) -> None:
     logging.getLogger("difflm").info("wrote %s and %s", out / "metrics.json", out / "report.md")
 
 
+def cmd_bench(args) -> None:
+    from .bench import run
+    from .config import load_config
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    config = args.config
+    if config is None:  # the recipe's model on a GPU, the tiny one on a CPU
+        name = "e2e.yaml" if device.type == "cuda" else "tiny.yaml"
+        config = str(Path(__file__).resolve().parents[1] / "configs" / name)
+    cfg = load_config(config, args.overrides)
+    for name in ("steps", "warmup", "vocab"):
+        if getattr(args, name) < 1:
+            raise DifflmError(f"--{name} must be positive, got {getattr(args, name)}")
+    print(run(cfg, args.vocab, device, steps=args.steps, warmup=args.warmup, fast_batch=args.batch,
+              sample_batch=args.sample_batch), end="")
+
+
 def cmd_check_grammar(args) -> None:
     from .grammar import BUILTIN, builtin_grammar
 
@@ -214,6 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="training and sampling throughput: Diffusion-LM's recipe against difflm's")
+    b.add_argument("--config", help="model to measure (default: configs/e2e.yaml on a GPU, configs/tiny.yaml on CPU)")
+    b.add_argument("overrides", nargs="*", help="section.key=value")
+    b.add_argument("--vocab", type=int, default=821, help="vocabulary size (821: Diffusion-LM's E2E)")
+    b.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
+    b.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    b.add_argument("--batch", type=int, default=None, help="difflm's training batch (default 512 GPU, 256 CPU)")
+    b.add_argument("--sample-batch", type=int, default=None, help="difflm's sampling batch (default 512/256)")
+    b.add_argument("--device", default="auto")
+    b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("check-grammar", help="share of samples the embedded grammar can derive")
     c.add_argument("--samples", required=True, help="JSON-lines file from `difflm generate`")

@@ -1,0 +1,179 @@
+"""`difflm bench`: training and sampling throughput of Diffusion-LM's recipe against difflm's fast settings,
+measured in one run on one device, printed as a table with the ratio.
+
+Training (a) the recipe: fp32, eager attention, batch 64, AdamW; (b) the fast default: bf16 autocast (on CUDA),
+SDPA attention, fused AdamW (on CUDA), torch.compile (on CUDA), a larger batch. Sampling: the recipe's
+fp32 batch 50 with 2000 ancestral steps against bf16, a large batch and DDIM at 200 and 50 steps; its sequences/s
+come from the measured time of one denoiser call times the number of steps (the sampler's cost is its calls).
+On a CPU the same command runs on the config's (small) model; there only the ratios mean anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from .config import Config
+from .engines import lr_factor
+from .modeling import TextDiffusionConfig, TextDiffusionModel
+from .text import text_loss
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    batch: int
+    bf16: bool
+    attention: str  # eager or sdpa
+    compile: bool
+    fused: bool
+
+
+@dataclass
+class Row:
+    variant: Variant
+    seconds_per_step: float
+    sequences_per_s: float
+    tokens_per_s: float
+    tflops: float
+    mfu: Optional[float]
+    peak_memory_gb: Optional[float]
+
+
+def model_config(cfg: Config, vocab: int, attention: str) -> TextDiffusionConfig:
+    m = cfg.model
+    return TextDiffusionConfig(vocab_size=vocab, seq_len=cfg.data.seq_len, embed_dim=m.embed_dim,
+                               hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                               intermediate_size=m.intermediate_size, dropout=m.dropout,
+                               schedule=cfg.diffusion.schedule, num_steps=cfg.diffusion.num_steps,
+                               prediction=cfg.diffusion.prediction, denoiser_attn=attention)
+
+
+def train_flops_per_sequence(mcfg: TextDiffusionConfig) -> float:
+    """6 x (matmul parameters) per token for forward and backward, plus attention's 12 x layers x width x length
+    (the usual model-FLOPs count, Chinchilla appendix F; embeddings and norms left out)."""
+    h, f, n, length = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_layers, mcfg.seq_len
+    per_layer = 4 * h * h + 2 * h * f
+    proj = 2 * h * h + 2 * mcfg.embed_dim * h + 2 * h * h  # input/output projections and time MLP (roughly)
+    return length * (6 * (n * per_layer + proj) + 12 * n * h * length)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, bf16: bool, size: int = 4096, repeats: int = 20) -> float:
+    """Measured matrix-multiply FLOP/s of the device (bf16 on CUDA, fp32 on CPU)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if device.type == "cpu":
+        size, repeats = 1024, 5
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def _autocast(device, bf16):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def time_training(cfg: Config, vocab: int, variant: Variant, device: torch.device, steps: int,
+                  warmup: int, peak: float) -> Row:
+    torch.manual_seed(0)
+    mcfg = model_config(cfg, vocab, variant.attention)
+    model = TextDiffusionModel(mcfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=variant.fused and device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.train))
+    ids = torch.randint(0, vocab, (variant.batch, mcfg.seq_len), device=device)
+    net = torch.compile(model) if variant.compile else model  # attribute access passes through to `model`
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step():
+        with _autocast(device, variant.bf16):
+            loss = text_loss(net, ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    sec = (time.perf_counter() - start) / steps
+    flops = train_flops_per_sequence(mcfg) * variant.batch / sec
+    return Row(variant, sec, variant.batch / sec, variant.batch * mcfg.seq_len / sec, flops / 1e12,
+               flops / peak if peak else None,
+               torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
+
+
+@torch.no_grad()
+def time_sampling_call(cfg: Config, vocab: int, batch: int, bf16: bool, attention: str, device, calls: int = 5):
+    """Seconds per denoiser call at this batch (what one sampler step costs)."""
+    mcfg = model_config(cfg, vocab, attention)
+    model = TextDiffusionModel(mcfg).to(device).eval()
+    x = torch.randn(batch, mcfg.seq_len, mcfg.embed_dim, device=device)
+    t = torch.full((batch,), 0.5, device=device)
+    with _autocast(device, bf16):
+        model(x, t)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            model(x, t)
+        _sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def variants(device: torch.device, fast_batch: int) -> List[Variant]:
+    cuda = device.type == "cuda"
+    recipe = Variant("recipe", 64, bf16=False, attention="eager", compile=False, fused=False)
+    return [recipe, Variant("difflm", fast_batch, bf16=cuda, attention="sdpa", compile=cuda, fused=cuda)]
+
+
+def run(cfg: Config, vocab: int, device: torch.device, steps: int = 20, warmup: int = 5,
+        fast_batch: Optional[int] = None, sample_batch: Optional[int] = None) -> str:
+    """Measure and return the printed report (markdown tables)."""
+    cuda = device.type == "cuda"
+    fast_batch = fast_batch or (512 if cuda else 256)
+    sample_batch = sample_batch or (512 if cuda else 256)
+    peak = matmul_peak(device, bf16=cuda)
+    rows = [time_training(cfg, vocab, v, device, steps, warmup, peak) for v in variants(device, fast_batch)]
+    where = torch.cuda.get_device_name(device) if cuda else "CPU (absolute figures are not meaningful: ratios only)"
+    lines = [f"device: {where}; measured {'bf16' if cuda else 'fp32'} matmul peak {peak / 1e12:.2f} TFLOP/s; "
+             f"model {cfg.model.num_layers} x {cfg.model.hidden_size}, d={cfg.model.embed_dim}, "
+             f"length {cfg.data.seq_len}, vocabulary {vocab}", "",
+             "| training | batch | bf16 | attention | compile | fused AdamW | ms/step | seq/s | tokens/s | TFLOP/s | MFU | "
+             "peak GB |", "| --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        v = r.variant
+        lines.append(f"| {v.name} | {v.batch} | {v.bf16} | {v.attention} | {v.compile} | {v.fused} | "
+                     f"{1000 * r.seconds_per_step:.1f} | {r.sequences_per_s:,.0f} | {r.tokens_per_s:,.0f} | "
+                     f"{r.tflops:.2f} | {'' if r.mfu is None else f'{100 * r.mfu:.1f}%'} | "
+                     f"{'' if r.peak_memory_gb is None else f'{r.peak_memory_gb:.2f}'} |")
+    lines += ["", f"training throughput ratio difflm / recipe: {rows[1].sequences_per_s / rows[0].sequences_per_s:.2f}x",
+              ""]
+    recipe_call = time_sampling_call(cfg, vocab, 50, False, "eager", device)
+    fast_call = time_sampling_call(cfg, vocab, sample_batch, cuda, "sdpa", device)
+    recipe_rate = 50 / (2000 * recipe_call)
+    lines += ["| sampling | batch | steps | s/call | seq/s | ratio to recipe |", "| --- | ---: | ---: | ---: | ---: | ---: |",
+              f"| recipe (fp32, ancestral) | 50 | 2000 | {recipe_call:.4f} | {recipe_rate:.3f} | 1.00x |"]
+    for k in (200, 50):
+        rate = sample_batch / (k * fast_call)
+        lines.append(f"| difflm ({'bf16, ' if cuda else ''}DDIM) | {sample_batch} | {k} | {fast_call:.4f} | "
+                     f"{rate:.3f} | {rate / recipe_rate:.1f}x |")
+    return "\n".join(lines) + "\n"

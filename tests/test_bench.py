@@ -1,0 +1,19 @@
+"""`difflm bench` on CPU: the same table as on a GPU, from the tiny config."""
+
+from difflm.cli import main
+
+from test_cli import assert_user_error, run
+
+
+def test_bench_prints_training_and_sampling_tables(capsys):
+    code, out, err = run(capsys, "bench", "--steps", "2", "--warmup", "1", "--batch", "32", "--sample-batch", "16",
+                         "--vocab", "50")
+    assert code == 0, err
+    assert "| recipe | 64 | False | eager | False | False |" in out
+    assert "| difflm | 32 | False | sdpa | False | False |" in out
+    assert "training throughput ratio difflm / recipe:" in out
+    assert "| recipe (fp32, ancestral) | 50 | 2000 |" in out and "| 16 | 50 |" in out
+
+
+def test_bench_bad_input(capsys):
+    assert_user_error(capsys, ["bench", "--steps", "0"], "--steps must be positive")
