@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional
 
 import torch
@@ -87,26 +87,49 @@ def _autocast(device, bf16):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+class _PlainStep:
+    """One optimizer step as the benchmark's plain-PyTorch variants take it."""
+
+    def __init__(self, model, cfg: Config, fused: bool):
+        self.model = model
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=fused)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg.train))
+        self.clip = cfg.train.grad_clip
+
+    def step(self, loss):
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        self.sched.step()
+
+
 def time_training(cfg: Config, vocab: int, variant: Variant, device: torch.device, steps: int,
-                  warmup: int, peak: float) -> Row:
+                  warmup: int, peak: float, zero_stage: Optional[int] = None, checkpointing: bool = False) -> Row:
+    """Time `steps` training steps of `variant`; `zero_stage` runs them through the DeepSpeed engine instead
+    (bf16 then is DeepSpeed's own mode); `checkpointing` recomputes the denoiser's activations in backward."""
     torch.manual_seed(0)
     mcfg = model_config(cfg, vocab, variant.attention)
     model = TextDiffusionModel(mcfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=variant.fused and device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.train))
+    if checkpointing:
+        model.denoiser.gradient_checkpointing_enable()
     ids = torch.randint(0, vocab, (variant.batch, mcfg.seq_len), device=device)
+    if zero_stage is None:
+        engine, autocast = _PlainStep(model, cfg, variant.fused and device.type == "cuda"), variant.bf16
+    else:
+        from .engines import DeepSpeedEngine
+
+        train_cfg = replace(cfg.train, engine="deepspeed", zero_stage=zero_stage, batch_size=variant.batch,
+                            precision="bf16" if variant.bf16 else "fp32", deepspeed_config="")
+        engine, autocast = DeepSpeedEngine(model, train_cfg), False
     net = torch.compile(model) if variant.compile else model  # attribute access passes through to `model`
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def step():
-        with _autocast(device, variant.bf16):
+        with _autocast(device, autocast):
             loss = text_loss(net, ids).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        sched.step()
+        engine.step(loss)
 
     for _ in range(warmup):
         step()
@@ -167,6 +190,7 @@ def run(cfg: Config, vocab: int, device: torch.device, steps: int = 20, warmup: 
                      f"{'' if r.peak_memory_gb is None else f'{r.peak_memory_gb:.2f}'} |")
     lines += ["", f"training throughput ratio difflm / recipe: {rows[1].sequences_per_s / rows[0].sequences_per_s:.2f}x",
               ""]
+    lines += engine_and_length_tables(cfg, vocab, device, steps, warmup, peak, rows[1].variant)
     recipe_call = time_sampling_call(cfg, vocab, 50, False, "eager", device)
     fast_call = time_sampling_call(cfg, vocab, sample_batch, cuda, "sdpa", device)
     recipe_rate = 50 / (2000 * recipe_call)
@@ -177,3 +201,30 @@ def run(cfg: Config, vocab: int, device: torch.device, steps: int = 20, warmup: 
         lines.append(f"| difflm ({'bf16, ' if cuda else ''}DDIM) | {sample_batch} | {k} | {fast_call:.4f} | "
                      f"{rate:.3f} | {rate / recipe_rate:.1f}x |")
     return "\n".join(lines) + "\n"
+
+
+def engine_and_length_tables(cfg: Config, vocab: int, device, steps: int, warmup: int, peak: float,
+                             fast: Variant) -> List[str]:
+    """Plain PyTorch against DeepSpeed ZeRO 1/2 at identical settings (no compile: DeepSpeed wraps the module),
+    and peak memory at longer sequences with and without activation checkpointing (CUDA only)."""
+    base = replace(fast, name="plain", compile=False)
+    lines = ["| engine | ms/step | ratio to plain | peak GB |", "| --- | ---: | ---: | ---: |"]
+    plain = time_training(cfg, vocab, base, device, steps, warmup, peak)
+    lines.append(f"| plain PyTorch | {1000 * plain.seconds_per_step:.1f} | 1.00x | {_gb(plain)} |")
+    for stage in (1, 2):
+        r = time_training(cfg, vocab, replace(base, name=f"zero{stage}"), device, steps, warmup, peak, zero_stage=stage)
+        lines.append(f"| DeepSpeed ZeRO-{stage} | {1000 * r.seconds_per_step:.1f} | "
+                     f"{r.seconds_per_step / plain.seconds_per_step:.2f}x | {_gb(r)} |")
+    lines.append("")
+    if device.type != "cuda":
+        return lines + ["(peak memory by sequence length is measured on CUDA only)", ""]
+    lines += ["| length | peak GB | peak GB, activation checkpointing |", "| ---: | ---: | ---: |"]
+    for length in (64, 256, 1024):
+        long_cfg = replace(cfg, data=replace(cfg.data, seq_len=length))
+        cells = [_gb(time_training(long_cfg, vocab, base, device, 2, 1, peak, checkpointing=c)) for c in (False, True)]
+        lines.append(f"| {length} | {cells[0]} | {cells[1]} |")
+    return lines + [""]
+
+
+def _gb(row: Row) -> str:
+    return "" if row.peak_memory_gb is None else f"{row.peak_memory_gb:.2f}"

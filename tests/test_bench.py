@@ -13,6 +13,7 @@ def test_bench_prints_training_and_sampling_tables(capsys):
     assert "| difflm | 32 | False | sdpa | False | False |" in out
     assert "training throughput ratio difflm / recipe:" in out
     assert "| recipe (fp32, ancestral) | 50 | 2000 |" in out and "| 16 | 50 |" in out
+    assert "| plain PyTorch |" in out and "| DeepSpeed ZeRO-1 |" in out and "| DeepSpeed ZeRO-2 |" in out
 
 
 def test_bench_bad_input(capsys):
