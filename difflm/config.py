@@ -79,8 +79,9 @@ class TrainConfig(LoopConfig):
     engine: str = "torch"  # torch (plain PyTorch, the CPU default) or deepspeed
     precision: str = "fp32"  # fp32, bf16 or fp16 (deepspeed engine)
     grad_accum: int = 1  # gradient accumulation steps (deepspeed engine)
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1, 2 or 3
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
+    offload_params: bool = False  # ZeRO-3 parameters in CPU memory
     deepspeed_config: str = ""  # a DeepSpeed JSON laid over the generated one (it may add keys, not contradict)
     ema_decay: float = 0.9999
     eval_batches: int = 4

@@ -7,6 +7,7 @@ JSON may add to it, but may not contradict it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from .errors import DifflmError
 log = logging.getLogger("difflm")
 ENGINES = ("torch", "deepspeed")
 PRECISIONS = ("fp32", "bf16", "fp16")
-ZERO_STAGES = (0, 1, 2)  # ZeRO-3 needs the tied rounding head gathered outside its module: not supported yet
+ZERO_STAGES = (0, 1, 2, 3)
 
 
 def lr_factor(step: int, cfg: LoopConfig) -> float:
@@ -57,6 +58,10 @@ class TorchEngine:
         return self.scheduler.get_last_lr()[0]
 
     can_save_state = True
+    restores_weights = False  # load_state restores the optimizer; the loop loads the weights
+
+    def gathered(self, params):
+        return contextlib.nullcontext()
 
     def save_state(self, folder: Path) -> None:
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
@@ -77,7 +82,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     AdamW and the warm-up/decay LambdaLR, so that no DeepSpeed op needs a JIT build)."""
     if cfg.zero_stage not in ZERO_STAGES:
         raise DifflmError(f"train.zero_stage {cfg.zero_stage} is not supported; choose one of "
-                          f"{', '.join(map(str, ZERO_STAGES))} (ZeRO-3 is not implemented yet)")
+                          f"{', '.join(map(str, ZERO_STAGES))}")
     if cfg.precision not in PRECISIONS:
         raise DifflmError(f"train.precision {cfg.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     zero = {"stage": cfg.zero_stage}
@@ -85,6 +90,10 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         if cfg.zero_stage == 0:
             raise DifflmError("train.offload_optimizer needs train.zero_stage 1 or 2")
         zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.offload_params:
+        if cfg.zero_stage != 3:
+            raise DifflmError("train.offload_params needs train.zero_stage 3")
+        zero["offload_param"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -166,7 +175,10 @@ class DeepSpeedEngine:
         optimizer, scheduler = _optimizer(model, cfg)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        self.model = self.engine.module
+        self.model, self.stage = self.engine.module, cfg.zero_stage
+        if self.stage == 3 and hasattr(model, "external_parameters"):
+            for p in model.external_parameters():  # used outside their own module's forward (tied heads)
+                deepspeed.zero.register_external_parameter(model, p)
         log.info("deepspeed: ZeRO stage %d, %s, micro-batch %d x accumulation %d x %d processes", cfg.zero_stage,
                  cfg.precision, cfg.batch_size, cfg.grad_accum, world_size())
 
@@ -179,6 +191,16 @@ class DeepSpeedEngine:
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    restores_weights = True  # DeepSpeed's checkpoint carries the (partitioned) module weights
+
+    def gathered(self, params):
+        """Full parameters inside the block (a collective under ZeRO-3: every rank must enter it)."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
 
     @property
     def can_save_state(self) -> bool:

@@ -107,6 +107,21 @@ class _SamplingModelFn:
         return out
 
 
+class TextObjective(torch.nn.Module):
+    """`text_loss` as a module, so that an engine can wrap it: under ZeRO-3 the whole loss then runs inside one
+    forward, where the embedding (read again by the tied rounding head) can be gathered as an external parameter."""
+
+    def __init__(self, model: TextDiffusionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, generator: Optional[torch.Generator] = None) -> TextLoss:
+        return text_loss(self.model, ids, generator=generator)
+
+    def external_parameters(self):
+        return [self.model.embedding.weight]
+
+
 @dataclass
 class Sample:
     text: str

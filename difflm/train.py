@@ -27,7 +27,7 @@ from .errors import DifflmError
 from .files import AtomicDir
 from .modeling import TextDiffusionConfig, TextDiffusionModel
 from .schedules import SCHEDULES
-from .text import save_model, text_loss
+from .text import TextObjective, save_model
 
 log = logging.getLogger("difflm")
 TRAINING_CONFIG = "training_config.yaml"  # saved beside the weights: the data a model was trained on
@@ -82,14 +82,15 @@ def build_model(cfg: Config, tokenizer) -> TextDiffusionModel:
 
 
 @torch.no_grad()
-def dev_loss(model: TextDiffusionModel, ids: torch.Tensor, batch_size: int, batches: int, seed: int = 0) -> float:
+@torch.no_grad()
+def dev_loss(objective: TextObjective, ids: torch.Tensor, batch_size: int, batches: int, seed: int = 0) -> float:
     """Mean text loss on the first `batches` dev batches with fixed noise (comparable across evaluations)."""
-    was_training = model.training
-    model.eval()
+    was_training = objective.training
+    objective.eval()
     g = torch.Generator(device=ids.device).manual_seed(seed)
-    losses = [text_loss(model, ids[i: i + batch_size], generator=g).loss.item()
+    losses = [objective(ids[i: i + batch_size], generator=g).loss.item()
               for i in range(0, min(len(ids), batch_size * batches), batch_size)]
-    model.train(was_training)
+    objective.train(was_training)
     return sum(losses) / len(losses)
 
 
@@ -190,8 +191,9 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False) -> Trai
     log.info("model: %.2fM parameters (denoiser %d x %d, embedding dim %d), %s schedule, T=%s, predicts %s",
              sum(p.numel() for p in model.parameters()) / 1e6, cfg.model.num_layers, cfg.model.hidden_size,
              cfg.model.embed_dim, cfg.diffusion.schedule, cfg.diffusion.num_steps, cfg.diffusion.prediction)
-    ema = EMA(model, t.ema_decay)  # an fp32 copy, taken before an engine may cast the model
-    engine = make_engine(model, t)
+    ema = EMA(model, t.ema_decay)  # an fp32 copy, taken before an engine may cast or partition the model
+    objective, ema_objective = TextObjective(model), TextObjective(ema.model)
+    engine = make_engine(objective, t)
     main = rank() == 0  # under a launcher only rank 0 writes; each rank draws its own batches
     out = Path(t.out_dir)
     if main:
@@ -201,22 +203,28 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False) -> Trai
     data = BatchStream(train_ids, t.batch_size, t.seed + rank())
 
     def next_loss():
-        losses = text_loss(model, next(data), generator=g)
+        losses = objective(next(data), generator=g)
         return losses.loss, {"denoising": losses.denoising.item(), "rounding": losses.rounding.item(),
                              "prior": losses.prior.item()}
 
     def evaluate():
-        return {"dev_loss": dev_loss(model, dev_ids, t.batch_size, t.eval_batches),
-                "dev_loss_ema": dev_loss(ema.model, dev_ids, t.batch_size, t.eval_batches)}
+        return {"dev_loss": dev_loss(objective, dev_ids, t.batch_size, t.eval_batches),
+                "dev_loss_ema": dev_loss(ema_objective, dev_ids, t.batch_size, t.eval_batches)}
 
     def save(step):
+        with engine.gathered(model.parameters()):  # every rank takes part; rank 0 writes
+            weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if main else None
         if main:
-            save_checkpoint(out, model, ema, engine, tokenizer, step, cfg, data, g)
+            save_checkpoint(out, weights, ema, engine, tokenizer, step, cfg, data, g)
+
+    def update_ema(step):
+        with engine.gathered(model.parameters()):
+            ema.update(model, step)
 
     metrics_path = out / "metrics.jsonl" if main else Path(os.devnull)
     start = restore(state, cfg, model, ema, engine, data, g, metrics_path) if state else 0
     result = run_loop(engine, next_loss, evaluate, save, t, metrics_path, show_progress=show_progress and main,
-                      after_step=lambda step: ema.update(model, step), start_step=start)
+                      after_step=update_ema, start_step=start)
     last_dev = result.last_eval.get("dev_loss_ema", float("nan"))
     log.info("trained %d steps in %.1f min; dev loss (EMA) %.4f; model saved to %s",
              result.steps, result.minutes, last_dev, out / "model")
@@ -280,8 +288,8 @@ def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Ca
 CHECKPOINT_FORMAT = 1
 
 
-def save_checkpoint(out: Path, model, ema: EMA, engine, tokenizer, step: int, cfg: Config, data: BatchStream,
-                    generator: torch.Generator) -> None:
+def save_checkpoint(out: Path, weights: dict, ema: EMA, engine, tokenizer, step: int, cfg: Config,
+                    data: BatchStream, generator: torch.Generator) -> None:
     """The EMA model for generation (`model/`) and the full training state (`checkpoint/`), each atomically:
     weights, EMA, optimizer and schedule (the engine's), the data position and every RNG, so that `--resume`
     continues the same trajectory."""
@@ -290,7 +298,7 @@ def save_checkpoint(out: Path, model, ema: EMA, engine, tokenizer, step: int, cf
         if engine.can_save_state:
             (tmp / "engine").mkdir()
             engine.save_state(tmp / "engine")
-        state = {"format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(), "ema": ema.model.state_dict(),
+        state = {"format": CHECKPOINT_FORMAT, "step": step, "model": weights, "ema": ema.model.state_dict(),
                  "config": cfg.to_dict(), "data": data.state_dict(), "generator": generator.get_state(),
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -334,7 +342,8 @@ def _config_changes(saved: dict, cfg: Config) -> list:
 def restore(state: dict, cfg: Config, model, ema: EMA, engine, data: BatchStream, generator: torch.Generator,
             metrics_path: Path) -> int:
     """Put a run back where `state` left it; returns the step to continue from."""
-    model.load_state_dict(state["model"])
+    if not engine.restores_weights:
+        model.load_state_dict(state["model"])
     ema.model.load_state_dict(state["ema"])
     engine.load_state(state["folder"] / "engine")
     data.load_state_dict(state["data"])

@@ -39,9 +39,9 @@ def kill_after_first_checkpoint(out, extra):
     assert proc.returncode == -signal.SIGKILL
 
 
-@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
-def test_resume_after_sigkill_follows_the_uninterrupted_run(tmp_path, engine):
-    extra = [f"train.engine={engine}"]
+@pytest.mark.parametrize("extra", [["train.engine=torch"], ["train.engine=deepspeed"],
+                                   ["train.engine=deepspeed", "train.zero_stage=3"]], ids=["torch", "zero0", "zero3"])
+def test_resume_after_sigkill_follows_the_uninterrupted_run(tmp_path, extra):
     train(load_config(TINY, [f"train.out_dir={tmp_path / 'straight'}", *RUN, *extra]), show_progress=False)
     straight = logged(tmp_path / "straight")
     killed = tmp_path / "killed"
