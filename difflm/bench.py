@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 
 from .config import Config
-from .engines import lr_factor
+from .engines import DeepSpeedEngine, TorchEngine
 from .modeling import TextDiffusionConfig, TextDiffusionModel
 from .text import text_loss
 
@@ -87,23 +87,6 @@ def _autocast(device, bf16):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-class _PlainStep:
-    """One optimizer step as the benchmark's plain-PyTorch variants take it."""
-
-    def __init__(self, model, cfg: Config, fused: bool):
-        self.model = model
-        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=fused)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg.train))
-        self.clip = cfg.train.grad_clip
-
-    def step(self, loss):
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.opt.step()
-        self.sched.step()
-
-
 def time_training(cfg: Config, vocab: int, variant: Variant, device: torch.device, steps: int,
                   warmup: int, peak: float, zero_stage: Optional[int] = None, checkpointing: bool = False) -> Row:
     """Time `steps` training steps of `variant`; `zero_stage` runs them through the DeepSpeed engine instead
@@ -114,20 +97,18 @@ def time_training(cfg: Config, vocab: int, variant: Variant, device: torch.devic
     if checkpointing:
         model.denoiser.gradient_checkpointing_enable()
     ids = torch.randint(0, vocab, (variant.batch, mcfg.seq_len), device=device)
+    train_cfg = replace(cfg.train, batch_size=variant.batch, precision="bf16" if variant.bf16 else "fp32",
+                        deepspeed_config="")
     if zero_stage is None:
-        engine, autocast = _PlainStep(model, cfg, variant.fused and device.type == "cuda"), variant.bf16
+        engine = TorchEngine(model, train_cfg, fused=variant.fused and device.type == "cuda")
     else:
-        from .engines import DeepSpeedEngine
-
-        train_cfg = replace(cfg.train, engine="deepspeed", zero_stage=zero_stage, batch_size=variant.batch,
-                            precision="bf16" if variant.bf16 else "fp32", deepspeed_config="")
-        engine, autocast = DeepSpeedEngine(model, train_cfg), False
+        engine = DeepSpeedEngine(model, replace(train_cfg, engine="deepspeed", zero_stage=zero_stage))
     net = torch.compile(model) if variant.compile else model  # attribute access passes through to `model`
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def step():
-        with _autocast(device, autocast):
+        with engine.autocast():
             loss = text_loss(net, ids).loss
         engine.step(loss)
 

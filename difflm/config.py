@@ -77,7 +77,8 @@ class LoopConfig:
 @dataclass(frozen=True)
 class TrainConfig(LoopConfig):
     engine: str = "torch"  # torch (plain PyTorch, the CPU default) or deepspeed
-    precision: str = "fp32"  # fp32, bf16 or fp16 (deepspeed engine)
+    precision: str = "fp32"  # fp32, bf16 (autocast in the torch engine) or fp16 (deepspeed engine)
+    compile: bool = False  # torch.compile the denoiser (torch engine)
     grad_accum: int = 1  # gradient accumulation steps (deepspeed engine)
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1, 2 or 3
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory

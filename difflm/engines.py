@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -33,17 +34,25 @@ def lr_factor(step: int, cfg: LoopConfig) -> float:
     return max(0.0, 1.0 - (step - cfg.warmup_steps) / span)
 
 
-def _optimizer(model: torch.nn.Module, cfg: LoopConfig):
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+def _optimizer(model: torch.nn.Module, cfg: LoopConfig, fused: Optional[bool] = None):
+    """AdamW (fused on CUDA unless told) and the warm-up/decay schedule."""
+    fused = next(model.parameters()).is_cuda if fused is None else fused
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
 
 
 class TorchEngine:
     """Plain PyTorch: AdamW, LR warm-up then linear decay to zero at max_steps, gradient-norm clipping."""
 
-    def __init__(self, model: torch.nn.Module, cfg: LoopConfig):
+    def __init__(self, model: torch.nn.Module, cfg: LoopConfig, fused: Optional[bool] = None):
         self.model, self.cfg = model, cfg
-        self.optimizer, self.scheduler = _optimizer(model, cfg)
+        self.optimizer, self.scheduler = _optimizer(model, cfg, fused)
+        self.bf16 = getattr(cfg, "precision", "fp32") == "bf16"
+
+    def autocast(self):
+        """bf16 autocast around the forward when train.precision=bf16 (weights and optimizer stay fp32)."""
+        device = next(self.model.parameters()).device
+        return torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def step(self, loss: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
@@ -194,6 +203,9 @@ class DeepSpeedEngine:
 
     restores_weights = True  # DeepSpeed's checkpoint carries the (partitioned) module weights
 
+    def autocast(self):
+        return contextlib.nullcontext()  # DeepSpeed's bf16/fp16 modes cast the module themselves
+
     def gathered(self, params):
         """Full parameters inside the block (a collective under ZeRO-3: every rank must enter it)."""
         if self.stage != 3:
@@ -220,16 +232,21 @@ def engine_config(cfg: TrainConfig):
     """Check the engine settings (before any data is loaded); the DeepSpeed JSON for the deepspeed engine."""
     if cfg.engine not in ENGINES:
         raise DifflmError(f"train.engine {cfg.engine!r} is not available; choose one of {', '.join(ENGINES)}")
+    if cfg.precision not in PRECISIONS:
+        raise DifflmError(f"train.precision {cfg.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+    if cfg.precision == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        raise DifflmError("train.precision=bf16 needs a CUDA GPU with bf16 support; use fp32 here")
     if cfg.engine == "torch":
-        if cfg.precision != "fp32" or cfg.grad_accum != 1 or cfg.deepspeed_config or cfg.zero_stage:
-            raise DifflmError("train.precision, train.grad_accum, train.zero_stage and train.deepspeed_config apply "
-                              "to train.engine=deepspeed; the torch engine trains fp32 without accumulation")
+        if cfg.precision == "fp16" or cfg.grad_accum != 1 or cfg.deepspeed_config or cfg.zero_stage:
+            raise DifflmError("train.precision=fp16, train.grad_accum, train.zero_stage and train.deepspeed_config "
+                              "apply to train.engine=deepspeed; the torch engine trains fp32 or bf16 without "
+                              "accumulation")
         return None
+    if cfg.compile:
+        raise DifflmError("train.compile applies to train.engine=torch")
     if cfg.grad_accum < 1:
         raise DifflmError(f"train.grad_accum must be positive, got {cfg.grad_accum}")
     ds_config = deepspeed_config(cfg)
-    if cfg.precision == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
-        raise DifflmError("train.precision=bf16 needs a CUDA GPU with bf16 support; use fp32 here")
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise DifflmError("train.precision=fp16 needs a CUDA GPU; use fp32 here")
     if cfg.deepspeed_config:

@@ -192,7 +192,9 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False) -> Trai
              sum(p.numel() for p in model.parameters()) / 1e6, cfg.model.num_layers, cfg.model.hidden_size,
              cfg.model.embed_dim, cfg.diffusion.schedule, cfg.diffusion.num_steps, cfg.diffusion.prediction)
     ema = EMA(model, t.ema_decay)  # an fp32 copy, taken before an engine may cast or partition the model
-    objective, ema_objective = TextObjective(model), TextObjective(ema.model)
+    # torch.compile wraps the denoiser; `model` stays the plain module, so weights save without a prefix
+    objective = TextObjective(torch.compile(model) if t.compile else model)
+    ema_objective = TextObjective(ema.model)
     engine = make_engine(objective, t)
     main = rank() == 0  # under a launcher only rank 0 writes; each rank draws its own batches
     out = Path(t.out_dir)
@@ -203,7 +205,8 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False) -> Trai
     data = BatchStream(train_ids, t.batch_size, t.seed + rank())
 
     def next_loss():
-        losses = objective(next(data), generator=g)
+        with engine.autocast():
+            losses = objective(next(data), generator=g)
         return losses.loss, {"denoising": losses.denoising.item(), "rounding": losses.rounding.item(),
                              "prior": losses.prior.item()}
 

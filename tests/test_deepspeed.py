@@ -111,8 +111,10 @@ def test_contradicting_json_and_torch_engine_options_fail_cleanly(tmp_path, caps
     bad.write_text(json.dumps({"gradient_clipping": 5.0}))
     assert_user_error(capsys, ["train", "--config", TINY, f"train.out_dir={tmp_path / 'o'}", "train.engine=deepspeed",
                                f"train.deepspeed_config={bad}"], "gradient_clipping=5.0 (training config: 1.0)")
-    assert_user_error(capsys, ["train", "--config", TINY, f"train.out_dir={tmp_path / 'o'}", "train.precision=bf16"],
+    assert_user_error(capsys, ["train", "--config", TINY, f"train.out_dir={tmp_path / 'o'}", "train.precision=fp16"],
                       "apply to train.engine=deepspeed")
+    assert_user_error(capsys, ["train", "--config", TINY, f"train.out_dir={tmp_path / 'o'}", "train.engine=deepspeed",
+                               "train.compile=true"], "train.compile applies to train.engine=torch")
 
 
 @pytest.mark.parametrize("stage", [0, 3])
