@@ -20,7 +20,7 @@ import torch
 from .config import Config
 from .engines import DeepSpeedEngine, TorchEngine
 from .modeling import TextDiffusionConfig, TextDiffusionModel
-from .text import text_loss
+from .text import TextObjective
 
 
 @dataclass(frozen=True)
@@ -99,17 +99,18 @@ def time_training(cfg: Config, vocab: int, variant: Variant, device: torch.devic
     ids = torch.randint(0, vocab, (variant.batch, mcfg.seq_len), device=device)
     train_cfg = replace(cfg.train, batch_size=variant.batch, precision="bf16" if variant.bf16 else "fp32",
                         deepspeed_config="")
+    # as in training: the loss is one module (ZeRO-3 gathers the tied embedding there); compile wraps the denoiser
+    objective = TextObjective(torch.compile(model) if variant.compile else model)
     if zero_stage is None:
-        engine = TorchEngine(model, train_cfg, fused=variant.fused and device.type == "cuda")
+        engine = TorchEngine(objective, train_cfg, fused=variant.fused and device.type == "cuda")
     else:
-        engine = DeepSpeedEngine(model, replace(train_cfg, engine="deepspeed", zero_stage=zero_stage))
-    net = torch.compile(model) if variant.compile else model  # attribute access passes through to `model`
+        engine = DeepSpeedEngine(objective, replace(train_cfg, engine="deepspeed", zero_stage=zero_stage))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def step():
         with engine.autocast():
-            loss = text_loss(net, ids).loss
+            loss = objective(ids).loss
         engine.step(loss)
 
     for _ in range(warmup):
@@ -149,8 +150,45 @@ def variants(device: torch.device, fast_batch: int) -> List[Variant]:
     return [recipe, Variant("difflm", fast_batch, bf16=cuda, attention="sdpa", compile=cuda, fused=cuda)]
 
 
+def loss_by_sequences(cfg: Config, device, variant_list: List[Variant], total: int, points: int = 4) -> List[str]:
+    """Dev loss against training sequences seen, for each variant, on the embedded grammar corpus (always at hand,
+    with no download): whether a larger batch costs quality per sequence seen."""
+    from .data import build_tokenizer, encode
+    from .grammar import builtin_grammar
+    from .train import BatchStream, dev_loss
+
+    g = builtin_grammar()
+    texts, dev_texts = g.corpus(20000, seed=1), g.corpus(512, seed=2)
+    tok = build_tokenizer(texts)
+    ids, _ = encode(texts, tok, cfg.data.seq_len)
+    dev_ids, _ = encode(dev_texts, tok, cfg.data.seq_len)
+    ids, dev_ids = ids.to(device), dev_ids.to(device)
+    marks = [total * (k + 1) // points for k in range(points)]
+    curves = []
+    for v in variant_list:
+        torch.manual_seed(0)
+        model = TextDiffusionModel(model_config(cfg, len(tok), v.attention)).to(device).train()
+        train_cfg = replace(cfg.train, batch_size=v.batch, precision="bf16" if v.bf16 else "fp32",
+                            max_steps=max(1, total // v.batch))
+        engine = TorchEngine(model, train_cfg, fused=v.fused and device.type == "cuda")
+        objective, data, seen, curve = TextObjective(torch.compile(model) if v.compile else model), \
+            BatchStream(ids, v.batch, 0), 0, []
+        for mark in marks:
+            while seen < mark:
+                with engine.autocast():
+                    loss = objective(next(data)).loss
+                engine.step(loss)
+                seen += v.batch
+            curve.append(dev_loss(TextObjective(model), dev_ids, 128, 4))
+        curves.append(curve)
+    lines = ["| sequences seen | " + " | ".join(f"dev loss, {v.name} (batch {v.batch})" for v in variant_list) + " |",
+             "| ---: |" + " ---: |" * len(variant_list)]
+    lines += [f"| {mark:,} | " + " | ".join(f"{c[k]:.4f}" for c in curves) + " |" for k, mark in enumerate(marks)]
+    return lines + ["", "(embedded grammar corpus; each variant's lr is the config's, its schedule spans the run)", ""]
+
+
 def run(cfg: Config, vocab: int, device: torch.device, steps: int = 20, warmup: int = 5,
-        fast_batch: Optional[int] = None, sample_batch: Optional[int] = None) -> str:
+        fast_batch: Optional[int] = None, sample_batch: Optional[int] = None, quality_sequences: int = 0) -> str:
     """Measure and return the printed report (markdown tables)."""
     cuda = device.type == "cuda"
     fast_batch = fast_batch or (512 if cuda else 256)
@@ -172,6 +210,8 @@ def run(cfg: Config, vocab: int, device: torch.device, steps: int = 20, warmup: 
     lines += ["", f"training throughput ratio difflm / recipe: {rows[1].sequences_per_s / rows[0].sequences_per_s:.2f}x",
               ""]
     lines += engine_and_length_tables(cfg, vocab, device, steps, warmup, peak, rows[1].variant)
+    if quality_sequences:
+        lines += loss_by_sequences(cfg, device, [r.variant for r in rows], quality_sequences)
     recipe_call = time_sampling_call(cfg, vocab, 50, False, "eager", device)
     fast_call = time_sampling_call(cfg, vocab, sample_batch, cuda, "sdpa", device)
     recipe_rate = 50 / (2000 * recipe_call)
@@ -186,13 +226,13 @@ def run(cfg: Config, vocab: int, device: torch.device, steps: int = 20, warmup: 
 
 def engine_and_length_tables(cfg: Config, vocab: int, device, steps: int, warmup: int, peak: float,
                              fast: Variant) -> List[str]:
-    """Plain PyTorch against DeepSpeed ZeRO 1/2 at identical settings (no compile: DeepSpeed wraps the module),
+    """Plain PyTorch against DeepSpeed ZeRO 1/2/3 at identical settings (no compile: DeepSpeed wraps the module),
     and peak memory at longer sequences with and without activation checkpointing (CUDA only)."""
     base = replace(fast, name="plain", compile=False)
     lines = ["| engine | ms/step | ratio to plain | peak GB |", "| --- | ---: | ---: | ---: |"]
     plain = time_training(cfg, vocab, base, device, steps, warmup, peak)
     lines.append(f"| plain PyTorch | {1000 * plain.seconds_per_step:.1f} | 1.00x | {_gb(plain)} |")
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
         r = time_training(cfg, vocab, replace(base, name=f"zero{stage}"), device, steps, warmup, peak, zero_stage=stage)
         lines.append(f"| DeepSpeed ZeRO-{stage} | {1000 * r.seconds_per_step:.1f} | "
                      f"{r.seconds_per_step / plain.seconds_per_step:.2f}x | {_gb(r)} |")

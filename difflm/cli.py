@@ -164,8 +164,12 @@ def cmd_bench(args) -> None:
     for name in ("steps", "warmup", "vocab"):
         if getattr(args, name) < 1:
             raise DifflmError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.quality_sequences is not None and args.quality_sequences < 0:
+        raise DifflmError(f"--quality-sequences must not be negative, got {args.quality_sequences}")
+    quality = args.quality_sequences if args.quality_sequences is not None else (128_000 if device.type == "cuda"
+                                                                                 else 12_800)
     print(run(cfg, args.vocab, device, steps=args.steps, warmup=args.warmup, fast_batch=args.batch,
-              sample_batch=args.sample_batch), end="")
+              sample_batch=args.sample_batch, quality_sequences=quality), end="")
 
 
 def cmd_check_grammar(args) -> None:
@@ -241,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     b.add_argument("--batch", type=int, default=None, help="difflm's training batch (default 512 GPU, 256 CPU)")
     b.add_argument("--sample-batch", type=int, default=None, help="difflm's sampling batch (default 512/256)")
+    b.add_argument("--quality-sequences", type=int, default=None,
+                   help="train both variants on this many sequences and compare dev loss (default 128000 GPU, "
+                   "12800 CPU; 0 skips)")
     b.add_argument("--device", default="auto")
     b.set_defaults(func=cmd_bench)
 
