@@ -21,6 +21,7 @@ from .config import Config
 from .engines import DeepSpeedEngine, TorchEngine
 from .modeling import TextDiffusionConfig, TextDiffusionModel
 from .text import TextObjective
+from .train import BatchStream, dev_loss, model_config
 
 
 @dataclass(frozen=True)
@@ -42,15 +43,6 @@ class Row:
     tflops: float
     mfu: Optional[float]
     peak_memory_gb: Optional[float]
-
-
-def model_config(cfg: Config, vocab: int, attention: str) -> TextDiffusionConfig:
-    m = cfg.model
-    return TextDiffusionConfig(vocab_size=vocab, seq_len=cfg.data.seq_len, embed_dim=m.embed_dim,
-                               hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-                               intermediate_size=m.intermediate_size, dropout=m.dropout,
-                               schedule=cfg.diffusion.schedule, num_steps=cfg.diffusion.num_steps,
-                               prediction=cfg.diffusion.prediction, denoiser_attn=attention)
 
 
 def train_flops_per_sequence(mcfg: TextDiffusionConfig) -> float:
@@ -92,7 +84,7 @@ def time_training(cfg: Config, vocab: int, variant: Variant, device: torch.devic
     """Time `steps` training steps of `variant`; `zero_stage` runs them through the DeepSpeed engine instead
     (bf16 then is DeepSpeed's own mode); `checkpointing` recomputes the denoiser's activations in backward."""
     torch.manual_seed(0)
-    mcfg = model_config(cfg, vocab, variant.attention)
+    mcfg = model_config(cfg, vocab, attention=variant.attention)
     model = TextDiffusionModel(mcfg).to(device).train()
     if checkpointing:
         model.denoiser.gradient_checkpointing_enable()
@@ -130,7 +122,7 @@ def time_training(cfg: Config, vocab: int, variant: Variant, device: torch.devic
 @torch.no_grad()
 def time_sampling_call(cfg: Config, vocab: int, batch: int, bf16: bool, attention: str, device, calls: int = 5):
     """Seconds per denoiser call at this batch (what one sampler step costs)."""
-    mcfg = model_config(cfg, vocab, attention)
+    mcfg = model_config(cfg, vocab, attention=attention)
     model = TextDiffusionModel(mcfg).to(device).eval()
     x = torch.randn(batch, mcfg.seq_len, mcfg.embed_dim, device=device)
     t = torch.full((batch,), 0.5, device=device)
@@ -155,7 +147,6 @@ def loss_by_sequences(cfg: Config, device, variant_list: List[Variant], total: i
     with no download): whether a larger batch costs quality per sequence seen."""
     from .data import build_tokenizer, encode
     from .grammar import builtin_grammar
-    from .train import BatchStream, dev_loss
 
     g = builtin_grammar()
     texts, dev_texts = g.corpus(20000, seed=1), g.corpus(512, seed=2)
@@ -167,7 +158,7 @@ def loss_by_sequences(cfg: Config, device, variant_list: List[Variant], total: i
     curves = []
     for v in variant_list:
         torch.manual_seed(0)
-        model = TextDiffusionModel(model_config(cfg, len(tok), v.attention)).to(device).train()
+        model = TextDiffusionModel(model_config(cfg, len(tok), attention=v.attention)).to(device).train()
         train_cfg = replace(cfg.train, batch_size=v.batch, precision="bf16" if v.bf16 else "fp32",
                             max_steps=max(1, total // v.batch))
         engine = TorchEngine(model, train_cfg, fused=v.fused and device.type == "cuda")

@@ -69,16 +69,20 @@ def prepare_data(cfg: Config, tokenizer=None):
     return tokenizer, train_ids, dev_ids
 
 
-def build_model(cfg: Config, tokenizer) -> TextDiffusionModel:
-    start, end, pad = special_ids(tokenizer)
-    m = cfg.model
-    mcfg = TextDiffusionConfig(vocab_size=len(tokenizer), seq_len=cfg.data.seq_len, embed_dim=m.embed_dim,
+def model_config(cfg: Config, vocab_size: int, special: tuple = (0, 1, 2),
+                 attention: Optional[str] = None) -> TextDiffusionConfig:
+    """The Hugging Face config of the text model that `cfg` describes; `special` is (start, end, pad)."""
+    m, start, end, pad = cfg.model, *special
+    return TextDiffusionConfig(vocab_size=vocab_size, seq_len=cfg.data.seq_len, embed_dim=m.embed_dim,
                                hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
                                intermediate_size=m.intermediate_size, dropout=m.dropout,
                                schedule=cfg.diffusion.schedule, num_steps=cfg.diffusion.num_steps,
                                prediction=cfg.diffusion.prediction, start_id=start, end_id=end, pad_id=pad,
-                               denoiser_attn=m.attn_implementation, self_condition=m.self_condition)
-    return TextDiffusionModel(mcfg)
+                               denoiser_attn=attention or m.attn_implementation, self_condition=m.self_condition)
+
+
+def build_model(cfg: Config, tokenizer) -> TextDiffusionModel:
+    return TextDiffusionModel(model_config(cfg, len(tokenizer), special_ids(tokenizer)))
 
 
 @torch.no_grad()
