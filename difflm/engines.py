@@ -66,7 +66,6 @@ class TorchEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    can_save_state = True
     restores_weights = False  # load_state restores the optimizer; the loop loads the weights
 
     def gathered(self, params):
@@ -214,11 +213,6 @@ class DeepSpeedEngine:
 
         return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
 
-    @property
-    def can_save_state(self) -> bool:
-        # DeepSpeed's checkpoint is collective; the loop saves from rank 0 only, so multi-process runs keep weights
-        return world_size() == 1
-
     def save_state(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder), tag="engine")
 
@@ -237,6 +231,8 @@ def engine_config(cfg: TrainConfig):
     if cfg.precision == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         raise DifflmError("train.precision=bf16 needs a CUDA GPU with bf16 support; use fp32 here")
     if cfg.engine == "torch":
+        if world_size() > 1:
+            raise DifflmError("several processes need train.engine=deepspeed (the torch engine is one process)")
         if cfg.precision == "fp16" or cfg.grad_accum != 1 or cfg.deepspeed_config or cfg.zero_stage:
             raise DifflmError("train.precision=fp16, train.grad_accum, train.zero_stage and train.deepspeed_config "
                               "apply to train.engine=deepspeed; the torch engine trains fp32 or bf16 without "

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,8 @@ from tqdm.auto import tqdm
 from .config import Config, LoopConfig, save_config
 from .data import build_tokenizer, encode, load_texts, load_tokenizer, special_ids
 from .diffusion import PREDICTIONS
-from .engines import engine_config, make_engine
+from .engines import engine_config, make_engine, world_size
 from .errors import DifflmError
-from .files import AtomicDir
 from .modeling import TextDiffusionConfig, TextDiffusionModel
 from .schedules import SCHEDULES
 from .text import TextObjective, save_model
@@ -219,10 +219,9 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False) -> Trai
                 "dev_loss_ema": dev_loss(ema_objective, dev_ids, t.batch_size, t.eval_batches)}
 
     def save(step):
-        with engine.gathered(model.parameters()):  # every rank takes part; rank 0 writes
+        with engine.gathered(model.parameters()):  # every rank takes part; rank 0 writes the weights
             weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if main else None
-        if main:
-            save_checkpoint(out, weights, ema, engine, tokenizer, step, cfg, data, g)
+        save_checkpoint(out, weights, ema, engine, tokenizer, step, cfg, data, g)
 
     def update_ema(step):
         with engine.gathered(model.parameters()):
@@ -272,7 +271,9 @@ def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Ca
                 record = {"step": step, "loss": loss.item(), **parts, "grad_norm": grad_norm, "lr": engine.lr}
                 bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
             elapsed = (time.time() - start) / 60
-            stopped_by_time = bool(cfg.max_minutes) and elapsed >= cfg.max_minutes and step < cfg.max_steps
+            # the same on every rank (config and step are), so only the clock needs agreeing on
+            stopped_by_time = (bool(cfg.max_minutes) and step < cfg.max_steps
+                               and _all_ranks_agree(elapsed >= cfg.max_minutes))
             if step % cfg.eval_every == 0 or step == cfg.max_steps or stopped_by_time:
                 last_eval = evaluate()
                 record = {"step": step, **record, **last_eval}
@@ -292,46 +293,76 @@ def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Ca
                       last_eval=last_eval)
 
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
-def save_checkpoint(out: Path, weights: dict, ema: EMA, engine, tokenizer, step: int, cfg: Config,
+def _all_ranks_agree(flag: bool) -> bool:
+    """True on every rank when it is true on any (so that all processes stop at the same step)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def save_checkpoint(out: Path, weights: Optional[dict], ema: EMA, engine, tokenizer, step: int, cfg: Config,
                     data: BatchStream, generator: torch.Generator) -> None:
-    """The EMA model for generation (`model/`) and the full training state (`checkpoint/`), each atomically:
-    weights, EMA, optimizer and schedule (the engine's), the data position and every RNG, so that `--resume`
-    continues the same trajectory."""
-    save_model(ema.model, tokenizer, out / "model", extra_files={TRAINING_CONFIG: yaml.safe_dump(cfg.to_dict())})
-    with AtomicDir(out / "checkpoint") as tmp:
-        if engine.can_save_state:
-            (tmp / "engine").mkdir()
-            engine.save_state(tmp / "engine")
-        state = {"format": CHECKPOINT_FORMAT, "step": step, "model": weights, "ema": ema.model.state_dict(),
-                 "config": cfg.to_dict(), "data": data.state_dict(), "generator": generator.get_state(),
-                 "torch_rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                 "engine_state": engine.can_save_state}
-        torch.save(state, tmp / "trainer_state.pt")  # written last: its presence marks a complete checkpoint
+    """Called by every rank. The EMA model for generation (`model/`) and the full training state
+    (`checkpoint/`): weights, EMA, the engine's optimizer and schedule (DeepSpeed's collective checkpoint under
+    a launcher), and each rank's data position and RNGs, so that `--resume` continues the same trajectory.
+    Everything is written into `.checkpoint.partial` first; rank 0 renames it into place when all ranks are done."""
+    main = rank() == 0
+    tmp, final = out / ".checkpoint.partial", out / "checkpoint"
+    if main:
+        save_model(ema.model, tokenizer, out / "model", extra_files={TRAINING_CONFIG: yaml.safe_dump(cfg.to_dict())})
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "engine").mkdir(parents=True)
+    _barrier()
+    engine.save_state(tmp / "engine")
+    torch.save({"data": data.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               tmp / f"rank{rank()}.pt")
+    _barrier()
+    if main:
+        torch.save({"format": CHECKPOINT_FORMAT, "step": step, "model": weights, "ema": ema.model.state_dict(),
+                    "config": cfg.to_dict(), "world_size": world_size()},
+                   tmp / "trainer_state.pt")  # written last: its presence marks a complete checkpoint
+        old = out / ".checkpoint.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
 
 
 def load_checkpoint(cfg: Config) -> dict:
-    """The training state saved in `<out_dir>/checkpoint` for a run of `cfg`, or a one-line error saying what is
-    wrong with it (missing, corrupt, or from a run with another config)."""
+    """The training state saved in `<out_dir>/checkpoint` for this rank of a run of `cfg`, or a one-line error
+    saying what is wrong with it (missing, corrupt, another config or another number of processes)."""
     out = Path(cfg.train.out_dir)
     folder = out / "checkpoint"
     if not (folder / "trainer_state.pt").is_file():
         raise DifflmError(f"nothing to resume in {out}: no checkpoint/trainer_state.pt (train without --resume first)")
     try:
         state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or overwritten files fail inside pickle/zip in many ways
+        state.update(torch.load(folder / f"rank{rank()}.pt", map_location="cpu", weights_only=False))
+    except Exception as e:  # missing, truncated or overwritten files fail inside pickle/zip in many ways
         raise DifflmError(f"checkpoint {folder} is corrupt or partial ({type(e).__name__}); delete it to start over "
                           f"or restore a good copy") from None
-    missing = {"format", "step", "model", "ema", "config", "data", "generator", "torch_rng"} - set(state)
+    missing = {"format", "step", "model", "ema", "config", "world_size", "data", "generator", "torch_rng"} - set(state)
     if missing or state.get("format") != CHECKPOINT_FORMAT:
         raise DifflmError(f"checkpoint {folder} is not a difflm checkpoint of format {CHECKPOINT_FORMAT} "
                           f"(missing {', '.join(sorted(missing)) or 'nothing'})")
-    if not state.get("engine_state"):
-        raise DifflmError(f"checkpoint {folder} holds weights but no optimizer state (multi-process DeepSpeed runs "
-                          f"do not save it yet), so it cannot resume exactly")
+    if state["world_size"] != world_size():
+        raise DifflmError(f"checkpoint {folder} was written by {state['world_size']} processes; resume it with as "
+                          f"many (this run has {world_size()})")
     changed = _config_changes(state["config"], cfg)
     if changed:
         raise DifflmError(f"--resume needs the checkpoint's config; these differ: {', '.join(changed)}")

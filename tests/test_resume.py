@@ -62,3 +62,34 @@ def test_resume_errors(tmp_path, capsys):
     state = out / "checkpoint" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:1000])  # a truncated file
     assert_user_error(capsys, base, "is corrupt or partial")
+    state.unlink()
+    assert_user_error(capsys, base, "nothing to resume")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_process_deepspeed_resume_follows_the_uninterrupted_run(tmp_path, stage):
+    """Under torchrun: a run stopped early (by its time limit, checkpoint included) and resumed with --resume logs
+    the same losses as one never stopped; each rank's data position and RNGs come back from its own file."""
+    import socket
+
+    def torchrun(out, *extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(port), "-m", "difflm.cli", "train", "--config", TINY,
+                               f"train.out_dir={out}", "train.engine=deepspeed", f"train.zero_stage={stage}",
+                               "train.max_steps=30", "train.save_every=10", "train.log_every=1",
+                               "train.eval_every=15", "model.dropout=0.1", *extra, "--no-progress"],
+                              capture_output=True, text=True, env=subprocess_env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    torchrun(tmp_path / "straight")
+    stopped = tmp_path / "stopped"
+    torchrun(stopped, "train.max_minutes=0.00001")  # stops after its first step, saving a checkpoint
+    first = sorted(logged(stopped))
+    assert first and first[-1] < 30 and sorted(p.name for p in (stopped / "checkpoint").iterdir()) == [
+        "engine", "rank0.pt", "rank1.pt", "trainer_state.pt"]
+    torchrun(stopped, "--resume")
+    assert logged(stopped) == pytest.approx(logged(tmp_path / "straight"), rel=1e-6, abs=0)
