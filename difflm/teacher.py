@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from .config import Config, save_config
 from .data import encode, special_ids
 from .errors import DifflmError
-from .files import AtomicDir
 from .engines import TorchEngine
+from .text import save_model
 from .train import BatchStream, check_loop_config, prepare_data, resolve_device, run_loop
 
 log = logging.getLogger("difflm")
@@ -85,9 +85,7 @@ def train_teacher(cfg: Config, tokenizer=None, show_progress: bool = True) -> Pa
         return {"dev_perplexity": ppl}
 
     def save(step):
-        with AtomicDir(out / "model") as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        save_model(model, tokenizer, out / "model")
 
     result = run_loop(engine, next_loss, evaluate, save, t, out / "metrics.jsonl", show_progress=show_progress,
                       desc="teacher")

@@ -164,8 +164,9 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
 
 
 # ---- model directories -------------------------------------------------------------------------------------------
-def save_model(model: TextDiffusionModel, tokenizer, path, extra_files: Optional[dict] = None) -> None:
-    """save_pretrained of weights + config + tokenizer into `path`, atomically."""
+def save_model(model, tokenizer, path, extra_files: Optional[dict] = None) -> None:
+    """save_pretrained of a Hugging Face model (the text model, a teacher) + config + tokenizer into `path`,
+    atomically, with any extra text files."""
     with AtomicDir(Path(path)) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
