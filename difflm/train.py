@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
+
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -85,7 +86,6 @@ def build_model(cfg: Config, tokenizer) -> TextDiffusionModel:
     return TextDiffusionModel(model_config(cfg, len(tokenizer), special_ids(tokenizer)))
 
 
-@torch.no_grad()
 @torch.no_grad()
 def dev_loss(objective: TextObjective, ids: torch.Tensor, batch_size: int, batches: int, seed: int = 0) -> float:
     """Mean text loss on the first `batches` dev batches with fixed noise (comparable across evaluations)."""

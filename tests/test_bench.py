@@ -1,7 +1,5 @@
 """`difflm bench` on CPU: the same table as on a GPU, from the tiny config."""
 
-from difflm.cli import main
-
 from test_cli import assert_user_error, run
 
 

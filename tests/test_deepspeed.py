@@ -121,7 +121,6 @@ def test_contradicting_json_and_torch_engine_options_fail_cleanly(tmp_path, caps
 def test_two_processes_with_torchrun_and_gloo(tmp_path, stage):
     """Data-parallel DeepSpeed over two CPU processes: both finish, rank 0 alone writes the model (under ZeRO-3
     the weights are gathered from both ranks' partitions into a full export)."""
-    import os
     import socket
     import subprocess
     import sys
