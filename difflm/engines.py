@@ -86,13 +86,12 @@ def world_size() -> int:
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
-    """The DeepSpeed JSON implied by the training config (optimizer and LR schedule are passed as torch objects,
-    AdamW and the warm-up/decay LambdaLR, so that no DeepSpeed op needs a JIT build)."""
+    """The DeepSpeed JSON implied by the training config; `engine_config` checks the precision first. The
+    optimizer and LR schedule are passed as torch objects (AdamW and the warm-up/decay LambdaLR), so that no
+    DeepSpeed op needs a JIT build."""
     if cfg.zero_stage not in ZERO_STAGES:
         raise DifflmError(f"train.zero_stage {cfg.zero_stage} is not supported; choose one of "
                           f"{', '.join(map(str, ZERO_STAGES))}")
-    if cfg.precision not in PRECISIONS:
-        raise DifflmError(f"train.precision {cfg.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     zero = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer:
         if cfg.zero_stage == 0:
