@@ -82,7 +82,13 @@ class TorchEngine:
 
 
 def world_size() -> int:
+    """The number of processes under a distributed launcher (1 without one)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """This process's global rank under a distributed launcher (0 without one)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .config import Config, LoopConfig, save_config
 from .data import build_tokenizer, encode, load_texts, load_tokenizer, special_ids
 from .diffusion import PREDICTIONS
-from .engines import engine_config, make_engine, world_size
+from .engines import engine_config, make_engine, rank, world_size
 from .errors import DifflmError
 from .modeling import TextDiffusionConfig, TextDiffusionModel
 from .schedules import SCHEDULES
@@ -132,11 +132,6 @@ class BatchStream:
         self.generator.set_state(state["epoch_state"])
         self._new_epoch()
         self.position = state["position"]
-
-
-def rank() -> int:
-    """This process's global rank under a distributed launcher (0 without one)."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def resolve_device(name: str) -> torch.device:
