@@ -172,6 +172,117 @@ def cmd_bench(args) -> None:
               sample_batch=args.sample_batch, quality_sequences=quality), end="")
 
 
+def cmd_train_classifier(args) -> None:
+    from .classifier import TASKS, train_classifier
+    from .text import load_model
+
+    if args.task not in TASKS:
+        raise DifflmError(f"unknown classifier task {args.task!r}; choose one of {', '.join(TASKS)} "
+                          f"(length and infill need no classifier)")
+    cfg = _config_for_model(args)
+    model, tokenizer = load_model(resolve_model_dir(args.model))
+    train_classifier(model, tokenizer, cfg, args.task, show_progress=not args.no_progress)
+
+
+def _control_context(args, cfg, device):
+    from .classifier import load_classifier
+    from .control import ControlContext
+    from .guidance import check_guidance_config
+    from .text import load_model
+
+    check_guidance_config(cfg.guidance)
+    if cfg.guidance.sampler not in ("ddpm", "ddim"):
+        raise DifflmError(f"unknown guidance.sampler {cfg.guidance.sampler!r}; choose ddpm or ddim")
+    model, tokenizer = load_model(resolve_model_dir(args.model), device=device)
+    classifiers = {}
+    for path in args.classifier or []:
+        clf = load_classifier(path, model, device=device)
+        classifiers[clf.config.task] = clf
+    return ControlContext(model, tokenizer, cfg.guidance, classifiers, free=getattr(args, "free", False))
+
+
+def _guidance_config(args):
+    """The model's saved config (or --config) with the overrides: the guidance section and, for eval-control,
+    the data whose held-out text gives the targets."""
+    from .config import load_config
+
+    try:
+        return _config_for_model(args)
+    except DifflmError:
+        if args.config:
+            raise
+        return load_config(None, args.overrides)
+
+
+def cmd_control(args) -> None:
+    from tqdm.auto import tqdm
+
+    from .control import controlled_generate, parse_target
+    from .files import atomic_write_text
+    from .train import resolve_device
+
+    if args.num_samples < 1:
+        raise DifflmError(f"--num-samples must be positive, got {args.num_samples}")
+    tasks = [t.strip() for t in args.task.split(",") if t.strip()]
+    if len(tasks) != len(args.target):
+        raise DifflmError(f"--task names {len(tasks)} task(s) but --target was given {len(args.target)} time(s); "
+                          f"give one --target per task, in order")
+    if len(set(tasks)) != len(tasks):
+        raise DifflmError("a task is named twice in --task")
+    cfg = _guidance_config(args)
+    ctx = _control_context(args, cfg, resolve_device(args.device))
+    targets = {task: [parse_target(task, spec, ctx)] * args.num_samples for task, spec in zip(tasks, args.target)}
+    with tqdm(total=args.num_samples, desc="control", disable=args.no_progress, dynamic_ncols=True) as bar:
+        samples = controlled_generate(ctx, targets, seed=args.seed, batch_size=args.batch_size, progress=bar.update)
+    atomic_write_text(Path(args.out), "".join(json.dumps(s.to_dict()) + "\n" for s in samples))
+    for task in tasks:
+        rate = sum(s.success[task] for s in samples) / len(samples)
+        print(f"{task} {targets[task][0].spec!r}: success {100 * rate:.1f}% of {len(samples)} samples")
+    for s in samples[: args.show]:
+        print(s.text)
+    logging.getLogger("difflm").info("wrote %d samples to %s", len(samples), args.out)
+
+
+def cmd_eval_control(args) -> None:
+    from tqdm.auto import tqdm
+
+    from .classifier import words_of
+    from .control import TASKS, control_table, eval_control
+    from .data import encode, load_texts
+    from .files import AtomicDir
+    from .teacher import load_teacher
+    from .train import resolve_device
+
+    for name in ("num_targets", "per_target"):
+        if getattr(args, name) < 1:
+            raise DifflmError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    task_sets = [[t.strip() for t in s.split("+") if t.strip()] for s in args.tasks.split(",") if s.strip()]
+    for t in (t for s in task_sets for t in s):
+        if t not in TASKS + ("content-free",):
+            raise DifflmError(f"unknown task {t!r} in --tasks; choose from {', '.join(TASKS)}, content-free")
+    cfg = _config_for_model(args)
+    device = resolve_device(args.device)
+    ctx = _control_context(args, cfg, device)
+    teacher = load_teacher(args.teacher, ctx.tokenizer, device=device)[0] if args.teacher else None
+    if teacher is None:
+        logging.getLogger("difflm").warning("no --teacher given: lm-score skipped")
+    texts = load_texts(cfg.data)
+    ids, _ = encode(texts.dev[: args.held_out], ctx.tokenizer, ctx.model.config.seq_len)
+    mrs = texts.dev_mr[: args.held_out] if texts.dev_mr else [""] * len(ids)
+    total = args.num_targets * args.per_target * (len(task_sets) + 1)
+    with tqdm(total=total, desc="eval-control", disable=args.no_progress, dynamic_ncols=True) as bar:
+        rows, samples = eval_control(ctx, task_sets, (words_of(ids, ctx.tokenizer), mrs), teacher,
+                                     args.num_targets, args.per_target, seed=args.seed, batch_size=args.batch_size,
+                                     progress=bar.update)
+    table = control_table(rows)
+    with AtomicDir(Path(args.out)) as tmp:
+        (tmp / "control.md").write_text(f"`difflm {' '.join(sys.argv[1:])}`\n\n" + table)
+        (tmp / "control.json").write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+        (tmp / "samples.jsonl").write_text("".join(json.dumps({"row": name, **s.to_dict()}) + "\n"
+                                                   for name, rows_ in samples.items() for s in rows_))
+    print(table, end="")
+
+
 def cmd_check_grammar(args) -> None:
     from .grammar import BUILTIN, builtin_grammar
 
@@ -250,6 +361,46 @@ def build_parser() -> argparse.ArgumentParser:
                    "12800 CPU; 0 skips)")
     b.add_argument("--device", default="auto")
     b.set_defaults(func=cmd_bench)
+
+    tc = sub.add_parser("train-classifier", help="train a noisy classifier on a model's latents for guided control")
+    tc.add_argument("--model", required=True, help="the diffusion model (its data, tokenizer and latents)")
+    tc.add_argument("--task", required=True, help="content, pos or syntax")
+    tc.add_argument("--config", help="configs/NAME.yaml (data and classifier sections); default: the model's")
+    tc.add_argument("overrides", nargs="*", help="section.key=value, e.g. classifier.max_steps=500")
+    tc.add_argument("--no-progress", action="store_true")
+    tc.set_defaults(func=cmd_train_classifier)
+
+    def control_args(p):
+        p.add_argument("--model", required=True, help="a model directory (or a training out_dir)")
+        p.add_argument("--classifier", action="append", help="a classifier directory (repeat for several tasks)")
+        p.add_argument("--config", help="config for the guidance section (and data); default: the model's")
+        p.add_argument("overrides", nargs="*", help="section.key=value, e.g. guidance.step_size=0.05")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--no-progress", action="store_true")
+
+    co = sub.add_parser("control", help="guided generation toward targets (content, length, infill, pos, syntax)")
+    control_args(co)
+    co.add_argument("--task", required=True, help="a task, or several joined by commas (e.g. content,length)")
+    co.add_argument("--target", action="append", required=True,
+                    help="one per task: food=Italian | 12 | 'The _ _ is _ .' | 'PROPN AUX DET NOUN' | '0-2:NOUN'")
+    co.add_argument("--num-samples", type=int, required=True)
+    co.add_argument("--out", required=True, help="JSON-lines output, one sample per line with its success")
+    co.add_argument("--free", action="store_true", help="content by classifier-free guidance (model.attributes)")
+    co.add_argument("--show", type=int, default=0, help="also print the first N samples")
+    co.set_defaults(func=cmd_control)
+
+    ec = sub.add_parser("eval-control", help="Diffusion-LM's control table: success and lm-score per task")
+    control_args(ec)
+    ec.add_argument("--teacher", help="a teacher LM directory for lm-score")
+    ec.add_argument("--tasks", default="content,length,infill,pos,syntax,content+length",
+                    help="comma-separated task sets; + joins tasks; content-free for classifier-free guidance")
+    ec.add_argument("--num-targets", type=int, default=10, help="targets per task, drawn from held-out text")
+    ec.add_argument("--per-target", type=int, default=5, help="samples per target")
+    ec.add_argument("--held-out", type=int, default=1000, help="held-out texts to draw targets from")
+    ec.add_argument("--out", required=True, help="directory for control.md, control.json and samples.jsonl")
+    ec.set_defaults(func=cmd_eval_control)
 
     c = sub.add_parser("check-grammar", help="share of samples the embedded grammar can derive")
     c.add_argument("--samples", required=True, help="JSON-lines file from `difflm generate`")

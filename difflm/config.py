@@ -26,6 +26,7 @@ class DataConfig:
     dev_split: str = "validation"
     dev_fraction: float = 0.02  # share of the training text held out when there is no dev source or split
     text_column: str = "text"  # `ref` in the local E2E CSVs, `human_reference` on the Hub
+    mr_column: str = ""  # meaning representations for content control: `mr` locally, `meaning_representation` on the Hub
     seq_len: int = 32  # START + tokens + END + PAD
     tokenizer: str = ""  # empty: train a word-level tokenizer; else a local Hugging Face tokenizer directory
     min_freq: int = 1  # words seen fewer times become UNK
@@ -46,6 +47,9 @@ class ModelConfig:
     dropout: float = 0.1
     attn_implementation: str = "sdpa"
     self_condition: bool = False  # feed the previous x0 estimate back in (not in Diffusion-LM's recipe)
+    attributes: bool = False  # condition on the meaning representation's field=value pairs (classifier-free guidance)
+    attribute_dropout: float = 0.5  # each attribute dropped at random in training (so any subset can be asked for)
+    unconditional_prob: float = 0.1  # and all of them dropped this often (the unconditional model)
 
 
 @dataclass(frozen=True)
@@ -106,12 +110,48 @@ class TeacherConfig(LoopConfig):
 
 
 @dataclass(frozen=True)
+class ClassifierConfig(LoopConfig):
+    """A noisy classifier for guided generation (`difflm train-classifier`): a small transformer on x_t."""
+
+    out_dir: str = ""  # empty: runs/classifier-TASK
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    eval_every: int = 500
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    dropout: float = 0.1
+    max_examples: int = 20000  # training texts to label (spaCy tagging is the slow part for pos and syntax)
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """Controlled generation (`difflm control`): Diffusion-LM's gradient update after each sampler step."""
+
+    steps: int = 3  # K gradient steps on x_{t-1} per sampler step
+    step_size: float = 0.1
+    fluency: float = 0.01  # lambda of lambda * ||x_{t-1} - mu||^2 / sigma^2
+    optimizer: str = "adagrad"  # adagrad (Diffusion-LM) or sgd
+    unguided_last: int = 0  # leave this many final sampler steps unguided
+    classifier_weight: float = 1.0  # weight of each classifier's log-probability
+    constraint_weight: float = 1.0  # weight of token constraints (length, infilling) scored by the rounding head
+    impute: bool = True  # also put fixed tokens (infilling, END/PAD of a length) into each x0 estimate
+    free_weight: float = 2.0  # classifier-free guidance: x0 = (1 + w) x0(c) - w x0(no c)
+    sampling_steps: int = 200  # sampler steps (Diffusion-LM guides 200 of its 2000)
+    sampler: str = "ddpm"
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -4,9 +4,10 @@ tokenizer, and encode fixed-length sequences START + tokens + END + PAD."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -23,6 +24,20 @@ SPECIALS = {"start": "[START]", "end": "[END]", "pad": "[PAD]", "unk": "[UNK]"}
 class TextSplits:
     train: List[str]
     dev: List[str]
+    train_mr: Optional[List[str]] = None  # meaning representations (`field[value], ...`) aligned with the texts
+    dev_mr: Optional[List[str]] = None
+
+
+_MR_ITEM = re.compile(r"\s*([^\[\],]+?)\s*\[([^\]]*)\]\s*(?:,|$)")
+
+
+def parse_mr(mr: str) -> Dict[str, str]:
+    """E2E's meaning representation `name[The Vaults], eatType[pub], ...` as {field: value}."""
+    out = {}
+    for field, value in _MR_ITEM.findall(mr or ""):
+        if value.strip():
+            out[field.strip()] = value.strip()
+    return out
 
 
 def _looks_local(source: str) -> bool:
@@ -59,14 +74,17 @@ def _load_dataset(source: str, split: str):
                           f"a Hub id needs the network or the datasets cache): {str(e).splitlines()[0]}") from None
 
 
-def _column(ds, column: str, source: str) -> List[str]:
-    if column not in ds.column_names:
-        raise DifflmError(f"text column {column!r} not in {source}; its columns are {', '.join(ds.column_names)}: "
-                          f"set data.text_column to one of them")
-    texts = [t for t in ds[column] if isinstance(t, str) and t.strip()]
-    if not texts:
+def _column(ds, column: str, source: str, mr_column: str = "") -> Tuple[List[str], Optional[List[str]]]:
+    """The non-empty texts of `column` and, when `mr_column` is set, the meaning representations beside them."""
+    for name, key in ((column, "text_column"), (mr_column, "mr_column")):
+        if name and name not in ds.column_names:
+            raise DifflmError(f"column {name!r} not in {source}; its columns are {', '.join(ds.column_names)}: "
+                              f"set data.{key} to one of them")
+    mrs = ds[mr_column] if mr_column else [None] * len(ds)
+    rows = [(t, m) for t, m in zip(ds[column], mrs) if isinstance(t, str) and t.strip()]
+    if not rows:
         raise DifflmError(f"dataset {source} is empty: no non-empty text in column {column!r}")
-    return texts
+    return [t for t, _ in rows], ([m or "" for _, m in rows] if mr_column else None)
 
 
 def load_texts(cfg: DataConfig) -> TextSplits:
@@ -78,22 +96,26 @@ def load_texts(cfg: DataConfig) -> TextSplits:
         if name not in BUILTIN:
             raise DifflmError(f"unknown builtin corpus {name!r}; choose one of {', '.join(BUILTIN)}")
         g = builtin_grammar(name)
-        return TextSplits(train=g.corpus(cfg.builtin_train, cfg.builtin_seed),
-                          dev=g.corpus(cfg.builtin_dev, cfg.builtin_seed + 1))
-    column = cfg.text_column
-    train = _column(_load_dataset(cfg.source, cfg.train_split), column, cfg.source)
+        train = g.corpus_with_meanings(cfg.builtin_train, cfg.builtin_seed)
+        dev = g.corpus_with_meanings(cfg.builtin_dev, cfg.builtin_seed + 1)
+        return TextSplits(train=[t for t, _ in train], dev=[t for t, _ in dev], train_mr=[m for _, m in train],
+                          dev_mr=[m for _, m in dev])
+    column, mr = cfg.text_column, cfg.mr_column
+    train, train_mr = _column(_load_dataset(cfg.source, cfg.train_split), column, cfg.source, mr)
     if cfg.dev_source:
-        dev = _column(_load_dataset(cfg.dev_source, cfg.dev_split), column, cfg.dev_source)
+        dev, dev_mr = _column(_load_dataset(cfg.dev_source, cfg.dev_split), column, cfg.dev_source, mr)
     elif not Path(cfg.source).expanduser().is_file():  # a Hub id or a dataset directory: it has splits
-        dev = _column(_load_dataset(cfg.source, cfg.dev_split), column, f"{cfg.source}[{cfg.dev_split}]")
+        dev, dev_mr = _column(_load_dataset(cfg.source, cfg.dev_split), column, f"{cfg.source}[{cfg.dev_split}]", mr)
     else:
         n_dev = max(1, int(len(train) * cfg.dev_fraction))
         if len(train) < 2:
             raise DifflmError(f"dataset {cfg.source} has {len(train)} text; need at least 2 to hold one out")
         train, dev = train[n_dev:], train[:n_dev]
+        train_mr, dev_mr = (train_mr[n_dev:], train_mr[:n_dev]) if mr else (None, None)
     if cfg.max_train_examples:
         train = train[: cfg.max_train_examples]
-    return TextSplits(train=train, dev=dev)
+        train_mr = train_mr[: cfg.max_train_examples] if train_mr is not None else None
+    return TextSplits(train=train, dev=dev, train_mr=train_mr, dev_mr=dev_mr)
 
 
 def build_tokenizer(texts: List[str], min_freq: int = 1, lowercase: bool = False):

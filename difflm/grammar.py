@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 from functools import lru_cache
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 Rule = Tuple[float, Tuple[str, ...]]
 
@@ -46,12 +46,12 @@ RESTAURANTS: Dict[str, List[Rule]] = {
 class Grammar:
     """A PCFG: sampling, exact sentence log-probabilities (inside algorithm), exact entropy and length."""
 
-    def __init__(self, rules: Dict[str, List[Rule]], start: str = "S"):
+    def __init__(self, rules: Dict[str, List[Rule]], start: str = "S", fields: Optional[Dict[str, str]] = None):
         for lhs, options in rules.items():
             total = sum(p for p, _ in options)
             if abs(total - 1.0) > 1e-9:
                 raise ValueError(f"rule probabilities of {lhs} sum to {total}, not 1")
-        self.rules, self.start = rules, start
+        self.rules, self.start, self.fields = rules, start, dict(fields or {})
 
     # ---- sampling -------------------------------------------------------------------------------------------
     def sample(self, rng: random.Random) -> List[str]:
@@ -60,23 +60,44 @@ class Grammar:
 
     def sample_with_log_prob(self, rng: random.Random) -> Tuple[List[str], float]:
         """One sentence and the log-probability of its derivation."""
+        words, log_p, _ = self._derive(rng)
+        return words, log_p
+
+    def _derive(self, rng: random.Random) -> Tuple[List[str], float, Dict[str, str]]:
+        """A sentence, its log-probability, and its meaning: the words each field nonterminal (`self.fields`)
+        produced, as {field: value}."""
         words: List[str] = []
-        log_p = 0.0
-        stack = [self.start]
+        log_p, meaning = 0.0, {}
+        stack: list = [self.start]
         while stack:
             sym = stack.pop()
+            if isinstance(sym, tuple):  # (field, first word index): the end of a field nonterminal's words
+                if len(words) > sym[1]:
+                    meaning[sym[0]] = " ".join(words[sym[1]:])
+                continue
             if sym not in self.rules:
                 words.append(sym)
                 continue
             options = self.rules[sym]
             k = rng.choices(range(len(options)), weights=[p for p, _ in options])[0]
             log_p += math.log(options[k][0])
+            if sym in self.fields:
+                stack.append((self.fields[sym], len(words)))
             stack.extend(reversed(options[k][1]))
-        return words, log_p
+        return words, log_p, meaning
 
     def corpus(self, n: int, seed: int) -> List[str]:
+        return [text for text, _ in self.corpus_with_meanings(n, seed)]
+
+    def corpus_with_meanings(self, n: int, seed: int) -> List[Tuple[str, str]]:
+        """(sentence, meaning representation) pairs; the meaning is written like E2E's `mr` column,
+        `field[value], ...`, so the same code reads both."""
         rng = random.Random(seed)
-        return [" ".join(self.sample(rng)) for _ in range(n)]
+        out = []
+        for _ in range(n):
+            words, _, meaning = self._derive(rng)
+            out.append((" ".join(words), ", ".join(f"{k}[{v}]" for k, v in meaning.items())))
+        return out
 
     # ---- exact probabilities --------------------------------------------------------------------------------
     def log_prob(self, sentence: str | Sequence[str]) -> float:
@@ -129,8 +150,12 @@ class Grammar:
         return sorted(words)
 
 
-BUILTIN = {"restaurants": RESTAURANTS}
+# E2E-style fields of a sentence's meaning: the words these nonterminals produce (area is the whole phrase)
+RESTAURANT_FIELDS = {"NAME": "name", "TYPE": "eatType", "FOOD": "food", "RATING": "customer rating",
+                     "NEAR_NAME": "near", "LOC": "area"}
+BUILTIN = {"restaurants": (RESTAURANTS, RESTAURANT_FIELDS)}
 
 
 def builtin_grammar(name: str = "restaurants") -> Grammar:
-    return Grammar(BUILTIN[name])
+    rules, fields = BUILTIN[name]
+    return Grammar(rules, fields=fields)

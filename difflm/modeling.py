@@ -26,13 +26,17 @@ class TextDiffusionConfig(PretrainedConfig):
                  num_layers: int = 12, num_heads: int = 12, intermediate_size: int = 3072, dropout: float = 0.1,
                  schedule: str = "sqrt", num_steps: int = 2000, prediction: str = "x0",
                  start_id: int = 0, end_id: int = 1, pad_id: int = 2, denoiser_attn: str = "sdpa",
-                 self_condition: bool = False, **kwargs):
+                 self_condition: bool = False, attributes: Optional[list] = None, attribute_dropout: float = 0.5,
+                 unconditional_prob: float = 0.1, **kwargs):
         self.vocab_size, self.seq_len, self.embed_dim = vocab_size, seq_len, embed_dim
         self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
         self.intermediate_size, self.dropout = intermediate_size, dropout
         self.schedule, self.num_steps, self.prediction = schedule, num_steps, prediction
         self.start_id, self.end_id, self.pad_id = start_id, end_id, pad_id
         self.denoiser_attn, self.self_condition = denoiser_attn, self_condition
+        # classifier-free guidance: the `field=value` attributes the model is conditioned on (empty: none)
+        self.attributes = list(attributes or [])
+        self.attribute_dropout, self.unconditional_prob = attribute_dropout, unconditional_prob
         super().__init__(**kwargs)
 
     def denoiser_config(self) -> BertConfig:
@@ -64,6 +68,8 @@ class TextDiffusionModel(PreTrainedModel):
         d_in = 2 * d if config.self_condition else d  # self-conditioning also reads the previous x0 estimate
         self.input_proj = nn.Sequential(nn.Linear(d_in, h), nn.Tanh(), nn.Linear(h, h))
         self.time_embed = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h))
+        # a multi-hot attribute vector, added to the time embedding; all zeros is the unconditional model
+        self.attribute_embed = nn.Linear(len(config.attributes), h, bias=False) if config.attributes else None
         self.denoiser = BertModel(config.denoiser_config(), add_pooling_layer=False)
         self.output_proj = nn.Sequential(nn.Linear(h, h), nn.Tanh(), nn.Linear(h, d))
         self.diffusion = GaussianDiffusion(get_schedule(config.schedule), config.num_steps, config.prediction)
@@ -88,14 +94,18 @@ class TextDiffusionModel(PreTrainedModel):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return rounding_logits(x, self.embedding.weight)  # (B, L, V)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, x0_self: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, x0_self: Optional[torch.Tensor] = None,
+                attributes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The denoiser's output (an x0 / eps / score / v prediction per config.prediction): (B, L, d).
 
         With `config.self_condition` (Chen et al. 2023, "Analog Bits") the network also reads `x0_self`, its own
-        previous estimate of x0 (zeros when absent).
+        previous estimate of x0 (zeros when absent). A model with `config.attributes` reads `attributes`, a
+        (B, A) multi-hot vector of the wanted `field=value` pairs (None: unconditional).
         """
         features = timestep_embedding(t, self.config.hidden_size).to(x_t.dtype)  # (B, H); bf16 under DeepSpeed
         temb = self.time_embed(features)  # (B, H)
+        if self.attribute_embed is not None and attributes is not None:
+            temb = temb + self.attribute_embed(attributes.to(temb.dtype))
         if self.config.self_condition:
             x_t = torch.cat([x_t, torch.zeros_like(x_t) if x0_self is None else x0_self], dim=-1)  # (B, L, 2d)
         h = self.input_proj(x_t) + temb[:, None, :]  # (B, L, H); BERT's embeddings add positions + LayerNorm

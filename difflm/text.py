@@ -45,7 +45,8 @@ def embed_with_noise(model: TextDiffusionModel, ids: torch.Tensor,
     return EmbeddingLatent(emb=emb, x0=emb + var0.sqrt()[:, None, None] * noise, var0=var0)
 
 
-def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[torch.Generator] = None) -> TextLoss:
+def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[torch.Generator] = None,
+              attributes: Optional[torch.Tensor] = None) -> TextLoss:
     """Diffusion-LM's end-to-end objective (Li et al. 2022, eq. 2) for token ids (B, L).
 
     The latent chain is w -> x0 -> x_1 .. x_T with q(x0 | w) = N(Emb(w), (1 - abar_1) I): the embedding plus
@@ -60,6 +61,10 @@ def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
     term is the cross-entropy of the tied head on x0; the prior term is KL(q(x_T | x0) || N(0, I)) itself
     (Diffusion-LM uses abar_T ||x0||^2, twice its x0-dependent part); H(q(x0|w)) is a constant. The denoising and
     prior terms are means per latent element, the rounding term a mean per token position.
+
+    `attributes` (B, A), for a model with config.attributes: each is dropped with probability
+    config.attribute_dropout and all of them with config.unconditional_prob, so that one network learns
+    p(x | any subset of the attributes) and p(x) for classifier-free guidance.
     """
     diffusion = model.diffusion
     latent = embed_with_noise(model, ids, generator)
@@ -67,7 +72,9 @@ def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
     t1 = diffusion.first_t(b, ids.device, emb.dtype)
     t = diffusion.sample_t(b, ids.device, generator=generator, dtype=emb.dtype)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    out = diffusion.denoise(_training_model_fn(model, generator), x0, t, noise)
+    if attributes is not None:
+        attributes = _drop_attributes(model.config, attributes, generator)
+    out = diffusion.denoise(_training_model_fn(model, generator, attributes), x0, t, noise)
     first_step = ((emb - out.x0_hat) ** 2).mean(dim=(1, 2))
     denoising = torch.where(t == t1, first_step, out.loss).mean()
     rounding = rounding_nll(x0, model.embedding.weight, ids).mean() / ids.shape[1]
@@ -76,34 +83,55 @@ def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
                     prior=prior.detach())
 
 
-def _training_model_fn(model: TextDiffusionModel, generator: Optional[torch.Generator]):
+def _drop_attributes(cfg: TextDiffusionConfig, attributes: torch.Tensor, generator) -> torch.Tensor:
+    device = generator.device if generator else None
+    keep = torch.rand(attributes.shape, generator=generator, device=device) >= cfg.attribute_dropout
+    conditional = torch.rand(attributes.shape[:1], generator=generator, device=device) >= cfg.unconditional_prob
+    return attributes * keep * conditional[:, None]
+
+
+def _training_model_fn(model: TextDiffusionModel, generator: Optional[torch.Generator],
+                       attributes: Optional[torch.Tensor] = None):
     """The model as a model_fn; with self-conditioning, half the batches first make an x0 estimate without
     gradient and condition on it, so the network learns both to start and to refine (Chen et al. 2023)."""
     if not model.config.self_condition:
-        return model
+        return lambda x_t, t: model(x_t, t, attributes=attributes)
     use = torch.rand((), generator=generator, device=generator.device if generator else None) < 0.5
 
     def model_fn(x_t, t):
         if not use:
-            return model(x_t, t)
+            return model(x_t, t, attributes=attributes)
         with torch.no_grad():
-            x0_self = model.diffusion.predict_x0(model(x_t, t), x_t, t)
-        return model(x_t, t, x0_self=x0_self)
+            x0_self = model.diffusion.predict_x0(model(x_t, t, attributes=attributes), x_t, t)
+        return model(x_t, t, x0_self=x0_self, attributes=attributes)
 
     return model_fn
 
 
-class _SamplingModelFn:
-    """The model as a model_fn for a sampler; with self-conditioning it feeds back its previous x0 estimate."""
+class SamplingModelFn:
+    """The model as a model_fn for a sampler. With self-conditioning it feeds back its previous x0 estimate;
+    with `attributes` (B, A) and a weight w it applies classifier-free guidance (Ho & Salimans 2022),
+    (1 + w) out(x | attributes) - w out(x), affine in the output so the same for every parameterization."""
 
-    def __init__(self, model: TextDiffusionModel):
+    def __init__(self, model: TextDiffusionModel, attributes: Optional[torch.Tensor] = None, weight: float = 0.0):
         self.model, self.previous = model, None
+        self.attributes, self.weight = attributes, weight
+
+    def output(self, x_t, t, x0_self=None):
+        out = self.model(x_t, t, x0_self=x0_self, attributes=self.attributes)
+        if self.attributes is not None and self.weight:
+            out = (1 + self.weight) * out - self.weight * self.model(x_t, t, x0_self=x0_self)
+        return out
+
+    def x0(self, x_t, t):
+        """The x0 estimate at (x_t, t) without advancing the self-conditioning state (for guides)."""
+        prev = None if self.previous is None else self.previous.detach()
+        return self.model.diffusion.predict_x0(self.output(x_t, t, prev), x_t, t)
 
     def __call__(self, x_t, t):
-        if not self.model.config.self_condition:
-            return self.model(x_t, t)
-        out = self.model(x_t, t, x0_self=self.previous)
-        self.previous = self.model.diffusion.predict_x0(out, x_t, t)
+        out = self.output(x_t, t, self.previous)
+        if self.model.config.self_condition:
+            self.previous = self.model.diffusion.predict_x0(out, x_t, t)
         return out
 
 
@@ -115,8 +143,12 @@ class TextObjective(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: torch.Tensor, generator: Optional[torch.Generator] = None) -> TextLoss:
-        return text_loss(self.model, ids, generator=generator)
+    def forward(self, rows: torch.Tensor, generator: Optional[torch.Generator] = None) -> TextLoss:
+        """`rows`: token ids (B, L), followed by the 0/1 attribute vector (B, A) for a conditional model."""
+        cfg = self.model.config
+        if cfg.attributes:
+            return text_loss(self.model, rows[:, : cfg.seq_len], generator, rows[:, cfg.seq_len:].float())
+        return text_loss(self.model, rows, generator=generator)
 
     def external_parameters(self):
         return [self.model.embedding.weight]
@@ -128,15 +160,30 @@ class Sample:
     ids: List[int]
 
 
+@dataclass
+class BatchControl:
+    """What controls one batch of samples: the model_fn (classifier-free guidance), the sampler's guide hook,
+    a transform of each x0 estimate, and token ids fixed in the output ((B, L), -1 where free: the tokens the
+    transform writes into x0, which rounding of an imperfect embedding could otherwise change); None leaves that
+    part as in plain sampling."""
+
+    model_fn: Optional[SamplingModelFn] = None
+    guide: Optional[Callable] = None
+    denoise_fn: Optional[Callable] = None
+    fixed: Optional[torch.Tensor] = None
+
+
 @torch.no_grad()
 def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Optional[int] = None,
              sampler: str = "ddpm", clamp: bool = False, seed: int = 0, batch_size: int = 64,
-             progress: Optional[Callable[[int], None]] = None, callback: Optional[Callable] = None) -> List[Sample]:
+             progress: Optional[Callable[[int], None]] = None, callback: Optional[Callable] = None,
+             control: Optional[Callable[[int, int, SamplingModelFn], BatchControl]] = None) -> List[Sample]:
     """Fixed-length samples decoded through the rounding head (argmax), START dropped, cut at END.
 
     `sampler`: ddpm (ancestral) or ddim (eta = 0). `clamp`: replace each x0 estimate by its nearest word
     embeddings (Diffusion-LM's clamping trick). `progress(n)` is called after each batch of n samples;
-    `callback(StepState)` after every sampler step (see sampling.sample).
+    `callback(StepState)` after every sampler step (see sampling.sample). `control(start, stop, model_fn)`
+    gives the BatchControl of samples start..stop-1 (control.py).
     """
     if num_samples < 1:
         raise DifflmError(f"--num-samples must be positive, got {num_samples}")
@@ -153,14 +200,27 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
     out: List[Sample] = []
     while len(out) < num_samples:
         b = min(batch_size, num_samples - len(out))
-        x = sample(model.diffusion, _SamplingModelFn(model), (b, cfg.seq_len, cfg.embed_dim), steps=steps, eta=eta,
-                   denoise_fn=denoise_fn, generator=generator, device=weight.device, dtype=weight.dtype,
+        model_fn, ctl = SamplingModelFn(model), BatchControl()
+        if control is not None:
+            ctl = control(len(out), len(out) + b, model_fn)
+        model_fn, guide, transform = ctl.model_fn or model_fn, ctl.guide, _chain(ctl.denoise_fn, denoise_fn)
+        x = sample(model.diffusion, model_fn, (b, cfg.seq_len, cfg.embed_dim), steps=steps, eta=eta,
+                   denoise_fn=transform, guide=guide, generator=generator, device=weight.device, dtype=weight.dtype,
                    callback=callback)
-        for row in round_to_tokens(x, weight).tolist():
+        ids = round_to_tokens(x, weight)
+        if ctl.fixed is not None:
+            ids = torch.where(ctl.fixed >= 0, ctl.fixed, ids)
+        for row in ids.tolist():
             out.append(Sample(text=decode(row, tokenizer), ids=row))
         if progress:
             progress(b)
     return out
+
+
+def _chain(first: Optional[Callable], then: Optional[Callable]) -> Optional[Callable]:
+    if first is None or then is None:
+        return first or then
+    return lambda x0, t: then(first(x0, t), t)
 
 
 # ---- model directories -------------------------------------------------------------------------------------------

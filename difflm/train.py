@@ -13,16 +13,17 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 import yaml
 from tqdm.auto import tqdm
 
 from .config import Config, LoopConfig, save_config
-from .data import build_tokenizer, encode, load_texts, load_tokenizer, special_ids
+from .data import TextSplits, build_tokenizer, encode, load_texts, load_tokenizer, parse_mr, special_ids
 from .diffusion import PREDICTIONS
 from .engines import engine_config, make_engine, rank, world_size
 from .errors import DifflmError
@@ -56,10 +57,10 @@ class EMA:
             e.lerp_(p.to(e.dtype), 1 - d)  # the average stays fp32 when training casts the model to bf16/fp16
 
 
-def prepare_data(cfg: Config, tokenizer=None):
+def prepare_data(cfg: Config, tokenizer=None, texts: Optional[TextSplits] = None):
     """(tokenizer, train ids (N, L), dev ids (M, L)) for the configured data; `tokenizer` overrides the one
-    cfg.data would build or load."""
-    texts = load_texts(cfg.data)
+    cfg.data would build or load, `texts` the text it would load."""
+    texts = texts or load_texts(cfg.data)
     if tokenizer is None:
         tokenizer = (load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer
                      else build_tokenizer(texts.train, cfg.data.min_freq, cfg.data.lowercase))
@@ -70,8 +71,25 @@ def prepare_data(cfg: Config, tokenizer=None):
     return tokenizer, train_ids, dev_ids
 
 
+def attribute_names(mrs: List[str], min_count: int = 2) -> List[str]:
+    """The `field=value` pairs of meaning representations seen at least `min_count` times, sorted."""
+    counts = Counter(f"{k}={v}" for mr in mrs for k, v in parse_mr(mr).items())
+    return sorted(a for a, n in counts.items() if n >= min_count)
+
+
+def attribute_vectors(mrs: List[str], names: List[str]) -> torch.Tensor:
+    """(N, A) 0/1 rows: which of `names` each meaning representation states."""
+    index = {a: i for i, a in enumerate(names)}
+    out = torch.zeros(len(mrs), len(names), dtype=torch.long)
+    for r, mr in enumerate(mrs):
+        for k, v in parse_mr(mr).items():
+            if f"{k}={v}" in index:
+                out[r, index[f"{k}={v}"]] = 1
+    return out
+
+
 def model_config(cfg: Config, vocab_size: int, special: tuple = (0, 1, 2),
-                 attention: Optional[str] = None) -> TextDiffusionConfig:
+                 attention: Optional[str] = None, attributes: Optional[List[str]] = None) -> TextDiffusionConfig:
     """The Hugging Face config of the text model that `cfg` describes; `special` is (start, end, pad)."""
     m, start, end, pad = cfg.model, *special
     return TextDiffusionConfig(vocab_size=vocab_size, seq_len=cfg.data.seq_len, embed_dim=m.embed_dim,
@@ -79,11 +97,29 @@ def model_config(cfg: Config, vocab_size: int, special: tuple = (0, 1, 2),
                                intermediate_size=m.intermediate_size, dropout=m.dropout,
                                schedule=cfg.diffusion.schedule, num_steps=cfg.diffusion.num_steps,
                                prediction=cfg.diffusion.prediction, start_id=start, end_id=end, pad_id=pad,
-                               denoiser_attn=attention or m.attn_implementation, self_condition=m.self_condition)
+                               denoiser_attn=attention or m.attn_implementation, self_condition=m.self_condition,
+                               attributes=attributes, attribute_dropout=m.attribute_dropout,
+                               unconditional_prob=m.unconditional_prob)
 
 
-def build_model(cfg: Config, tokenizer) -> TextDiffusionModel:
-    return TextDiffusionModel(model_config(cfg, len(tokenizer), special_ids(tokenizer)))
+def build_model(cfg: Config, tokenizer, attributes: Optional[List[str]] = None) -> TextDiffusionModel:
+    return TextDiffusionModel(model_config(cfg, len(tokenizer), special_ids(tokenizer), attributes=attributes))
+
+
+def training_rows(cfg: Config):
+    """(tokenizer, train rows, dev rows, attribute names): token ids, followed for a model conditioned on
+    attributes (model.attributes) by each text's 0/1 attribute vector (text.TextObjective splits them)."""
+    if not cfg.model.attributes:
+        return (*prepare_data(cfg), None)
+    texts = load_texts(cfg.data)
+    if not texts.train_mr:
+        raise DifflmError("model.attributes needs meaning representations: set data.mr_column (mr for the E2E "
+                          "CSVs, meaning_representation on the Hub) or use builtin:restaurants")
+    tokenizer, train_ids, dev_ids = prepare_data(cfg, texts=texts)
+    names = attribute_names(texts.train_mr)
+    log.info("conditioning on %d attributes (field=value pairs seen twice or more)", len(names))
+    return (tokenizer, torch.cat([train_ids, attribute_vectors(texts.train_mr, names)], 1),
+            torch.cat([dev_ids, attribute_vectors(texts.dev_mr, names)], 1), names)
 
 
 @torch.no_grad()
@@ -172,6 +208,9 @@ def _check(cfg: Config) -> None:
         raise DifflmError(f"unknown diffusion.prediction {d.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
     if d.num_steps < 1:
         raise DifflmError(f"diffusion.num_steps must be positive, got {d.num_steps}")
+    for name in ("attribute_dropout", "unconditional_prob"):
+        if not 0 <= getattr(m, name) <= 1:
+            raise DifflmError(f"model.{name} must be between 0 and 1, got {getattr(m, name)}")
 
 
 def train(cfg: Config, show_progress: bool = True, resume: bool = False) -> TrainResult:
@@ -184,9 +223,9 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False) -> Trai
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
     device = resolve_device(t.device)
-    tokenizer, train_ids, dev_ids = prepare_data(cfg)
+    tokenizer, train_ids, dev_ids, attributes = training_rows(cfg)
     train_ids, dev_ids = train_ids.to(device), dev_ids.to(device)
-    model = build_model(cfg, tokenizer).to(device).train()
+    model = build_model(cfg, tokenizer, attributes).to(device).train()
     log.info("model: %.2fM parameters (denoiser %d x %d, embedding dim %d), %s schedule, T=%s, predicts %s",
              sum(p.numel() for p in model.parameters()) / 1e6, cfg.model.num_layers, cfg.model.hidden_size,
              cfg.model.embed_dim, cfg.diffusion.schedule, cfg.diffusion.num_steps, cfg.diffusion.prediction)
@@ -366,9 +405,10 @@ def load_checkpoint(cfg: Config) -> dict:
 
 
 def _config_changes(saved: dict, cfg: Config) -> list:
-    """Keys whose values differ between a checkpoint's config and this run's (max_minutes may change)."""
+    """Keys of the training sections whose values differ between a checkpoint's config and this run's
+    (max_minutes may change)."""
     now = cfg.to_dict()
-    return [f"{sec}.{key}" for sec, values in now.items() for key, value in values.items()
+    return [f"{sec}.{key}" for sec in ("data", "model", "diffusion", "train") for key, value in now[sec].items()
             if saved.get(sec, {}).get(key) != value and f"{sec}.{key}" != "train.max_minutes"]
 
 
