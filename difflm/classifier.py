@@ -32,7 +32,7 @@ from .config import Config, save_config
 from .data import parse_mr, special_ids
 from .engines import TorchEngine
 from .errors import DifflmError
-from .modeling import timestep_embedding
+from .modeling import TimeEmbedding
 from .tagging import POS_TAGS
 from .text import embed_with_noise, save_model
 from .train import BatchStream, check_loop_config, prepare_data, resolve_device, run_loop
@@ -87,7 +87,7 @@ class NoisyClassifier(PreTrainedModel):
         super().__init__(config)
         h = config.hidden_size
         self.input_proj = nn.Linear(config.embed_dim, h)
-        self.time_embed = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h))
+        self.time_embed = TimeEmbedding(h)
         self.encoder = BertModel(BertConfig(vocab_size=1, hidden_size=h, num_hidden_layers=config.num_layers,
                                             num_attention_heads=config.num_heads, intermediate_size=4 * h,
                                             hidden_dropout_prob=config.dropout,
@@ -103,7 +103,7 @@ class NoisyClassifier(PreTrainedModel):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Logits: content (B, outputs), pos (B, L, classes), syntax (B, L, L, classes) for spans (i, j)."""
-        temb = self.time_embed(timestep_embedding(t, self.config.hidden_size).to(x_t.dtype))
+        temb = self.time_embed.embed(t, x_t.dtype)
         h = self.encoder(inputs_embeds=self.input_proj(x_t) + temb[:, None, :]).last_hidden_state  # (B, L, H)
         if self.config.task == "content":
             return self.head(h.mean(dim=1))

@@ -90,8 +90,11 @@ def cmd_generate(args) -> None:
 
     if args.num_samples < 1:
         raise DifflmError(f"--num-samples must be positive, got {args.num_samples}")
+    from .image import is_image_model
     from .train import resolve_device
 
+    if is_image_model(resolve_model_dir(args.model)):
+        return _generate_images(args)
     model, tokenizer = load_model(resolve_model_dir(args.model), device=resolve_device(args.device))
     with tqdm(total=args.num_samples, desc="generate", disable=args.no_progress, dynamic_ncols=True) as bar:
         samples = generate(model, tokenizer, args.num_samples, steps=args.steps, sampler=args.sampler,
@@ -100,6 +103,25 @@ def cmd_generate(args) -> None:
     logging.getLogger("difflm").info("wrote %d samples to %s", len(samples), args.out)
     for s in samples[: args.show]:
         print(s.text)
+
+
+def _generate_images(args) -> None:
+    from tqdm.auto import tqdm
+
+    from .image import generate_images, grid, load_image_model, save_png
+    from .train import resolve_device
+
+    if args.columns is not None and args.columns < 1:
+        raise DifflmError(f"--columns (the grid's width) must be positive, got {args.columns}")
+    if Path(args.out).suffix.lower() != ".png":
+        raise DifflmError(f"image samples are written as a PNG grid; give --out FILE.png, not {args.out}")
+    model = load_image_model(resolve_model_dir(args.model), device=resolve_device(args.device))
+    with tqdm(total=args.num_samples, desc="generate", disable=args.no_progress, dynamic_ncols=True) as bar:
+        images = generate_images(model, args.num_samples, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                                 batch_size=args.batch_size, progress=bar.update)
+    columns = args.columns or max(1, round(args.num_samples ** 0.5))
+    save_png(grid(images, columns), Path(args.out))
+    logging.getLogger("difflm").info("wrote a grid of %d samples to %s", len(images), args.out)
 
 
 def read_samples(path: str) -> List[str]:
@@ -129,6 +151,13 @@ def cmd_eval(args) -> None:
         metrics = check_metrics([m.strip() for m in args.metrics.split(",") if m.strip()])
     if args.num_samples < 1:
         raise DifflmError(f"--num-samples must be positive, got {args.num_samples}")
+    from .image import evaluate_images, is_image_model
+
+    if is_image_model(resolve_model_dir(args.model)):
+        out = evaluate_images(resolve_model_dir(args.model), _config_for_model(args), args,
+                              "difflm " + " ".join(sys.argv[1:]))
+        logging.getLogger("difflm").info("wrote %s and %s", out / "metrics.json", out / "report.md")
+        return
     samples = read_samples(args.samples) if args.samples else None
     device = resolve_device(args.device)
     model, tokenizer = load_model(resolve_model_dir(args.model), device=device)
@@ -319,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--show", type=int, default=0, help="also print the first N samples")
+    g.add_argument("--columns", type=int, default=None, help="image models: samples per row of the PNG grid")
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=cmd_generate)

@@ -20,6 +20,7 @@ from .errors import DifflmError
 
 @dataclass(frozen=True)
 class DataConfig:
+    modality: str = "text"  # text, or image (the same core on pixels)
     source: str = "builtin:restaurants"  # builtin:NAME, a local .csv/.json/.jsonl/.txt file, or a Hub dataset id
     dev_source: str = ""  # a local file for held-out text; empty: `dev_split` of a Hub dataset, else a held-out share
     train_split: str = "train"
@@ -35,6 +36,9 @@ class DataConfig:
     builtin_train: int = 20000  # sentences drawn from the embedded grammar
     builtin_dev: int = 1000
     builtin_seed: int = 1234
+    image_column: str = "image"  # image mode, Hub datasets: `image` (ylecun/mnist), `img` (uoft-cs/cifar10)
+    image_channels: int = 1  # image mode: the data must match these
+    image_size: int = 16
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,17 @@ class ModelConfig:
     attributes: bool = False  # condition on the meaning representation's field=value pairs (classifier-free guidance)
     attribute_dropout: float = 0.5  # each attribute dropped at random in training (so any subset can be asked for)
     unconditional_prob: float = 0.1  # and all of them dropped this often (the unconditional model)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The image-mode denoiser (image.ImageDiffusionModel)."""
+
+    base_channels: int = 32
+    channel_mults: str = "1,2,2"  # one resolution level each, halving the size between levels
+    res_blocks: int = 1
+    attention: bool = True  # self-attention at the lowest resolution
+    dropout: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -147,6 +162,7 @@ class GuidanceConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

@@ -118,6 +118,16 @@ def _ratio_estimate(num: torch.Tensor, den: torch.Tensor) -> Estimate:
     return Estimate(ratio, (num - ratio * den).std(unbiased=True).item() / (den.mean().item() * math.sqrt(len(num))))
 
 
+def stratified(draw: Callable[[tuple], Dict[str, torch.Tensor]], strata: List[tuple]) -> Dict[str, torch.Tensor]:
+    """Per-example ELBO terms from one `draw(stratum)` in each slice of a partition of t (`time_strata`): the
+    diffusion term (an estimate of the whole sum from a time in the slice) weighted by the slice's width and
+    summed, which is unbiased; the other terms averaged over the draws."""
+    draws = [draw(s) for s in strata]
+    out = {k: torch.stack([d[k] for d in draws]).mean(0) for k in draws[0]}
+    out["diffusion"] = sum((b - a) * d["diffusion"] for (a, b), d in zip(strata, draws))
+    return out
+
+
 def bound_report(model, ids: torch.Tensor, continuous: bool = False, draws: int = 1, batch_size: int = 64,
                  seed: int = 0, progress: Optional[Callable[[int], None]] = None) -> BoundReport:
     """The bound per sequence from stratified draws: one draw of `text_bound` in each slice of
@@ -130,10 +140,8 @@ def bound_report(model, ids: torch.Tensor, continuous: bool = False, draws: int 
     rows: List[TextBound] = []
     for i in range(0, len(ids), batch_size):
         batch = ids[i: i + batch_size]
-        draws_b = [text_bound(model, batch, continuous, g, stratum=s) for s in strata]
-        row = {k: torch.stack([getattr(d, k) for d in draws_b]).mean(0) for k in TERMS}
-        row["diffusion"] = sum((b - a) * d.diffusion for (a, b), d in zip(strata, draws_b))
-        rows.append(TextBound(**row))
+        rows.append(TextBound(**stratified(lambda s: vars(text_bound(model, batch, continuous, g, stratum=s)),
+                                           strata)))
         if progress:
             progress(len(batch))
     bound = TextBound(**{k: torch.cat([getattr(r, k) for r in rows]) for k in TERMS})

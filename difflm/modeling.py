@@ -56,6 +56,17 @@ def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torc
     return nn.functional.pad(emb, (0, dim % 2))
 
 
+class TimeEmbedding(nn.Sequential):
+    """An MLP on the sinusoidal features of t: (B,) -> (B, H) (a Sequential, so weights keep their names)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.hidden_size = hidden_size
+
+    def embed(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self(timestep_embedding(t, self.hidden_size).to(dtype))  # dtype: bf16 under DeepSpeed
+
+
 class TextDiffusionModel(PreTrainedModel):
     config_class = TextDiffusionConfig
     base_model_prefix = "difflm"
@@ -67,7 +78,7 @@ class TextDiffusionModel(PreTrainedModel):
         self.embedding = nn.Embedding(config.vocab_size, d)
         d_in = 2 * d if config.self_condition else d  # self-conditioning also reads the previous x0 estimate
         self.input_proj = nn.Sequential(nn.Linear(d_in, h), nn.Tanh(), nn.Linear(h, h))
-        self.time_embed = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h))
+        self.time_embed = TimeEmbedding(h)
         # a multi-hot attribute vector, added to the time embedding; all zeros is the unconditional model
         self.attribute_embed = nn.Linear(len(config.attributes), h, bias=False) if config.attributes else None
         self.denoiser = BertModel(config.denoiser_config(), add_pooling_layer=False)
@@ -102,8 +113,7 @@ class TextDiffusionModel(PreTrainedModel):
         previous estimate of x0 (zeros when absent). A model with `config.attributes` reads `attributes`, a
         (B, A) multi-hot vector of the wanted `field=value` pairs (None: unconditional).
         """
-        features = timestep_embedding(t, self.config.hidden_size).to(x_t.dtype)  # (B, H); bf16 under DeepSpeed
-        temb = self.time_embed(features)  # (B, H)
+        temb = self.time_embed.embed(t, x_t.dtype)  # (B, H)
         if self.attribute_embed is not None and attributes is not None:
             temb = temb + self.attribute_embed(attributes.to(temb.dtype))
         if self.config.self_condition:

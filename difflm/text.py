@@ -26,6 +26,9 @@ class TextLoss:
     rounding: torch.Tensor
     prior: torch.Tensor
 
+    def parts(self) -> dict:
+        return {"denoising": self.denoising.item(), "rounding": self.rounding.item(), "prior": self.prior.item()}
+
 
 @dataclass
 class EmbeddingLatent:
@@ -229,7 +232,8 @@ def save_model(model, tokenizer, path, extra_files: Optional[dict] = None) -> No
     atomically, with any extra text files."""
     with AtomicDir(Path(path)) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:  # image models have none
+            tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
 

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import yaml
@@ -104,6 +104,26 @@ def model_config(cfg: Config, vocab_size: int, special: tuple = (0, 1, 2),
 
 def build_model(cfg: Config, tokenizer, attributes: Optional[List[str]] = None) -> TextDiffusionModel:
     return TextDiffusionModel(model_config(cfg, len(tokenizer), special_ids(tokenizer), attributes=attributes))
+
+
+@dataclass
+class Setup:
+    """What the loop needs from a modality: training and held-out rows, the model, its loss as a module."""
+
+    tokenizer: Any  # None in image mode
+    train_rows: torch.Tensor
+    dev_rows: torch.Tensor
+    model: torch.nn.Module
+    objective: Callable[[torch.nn.Module], torch.nn.Module]  # model -> loss module (TextObjective, ImageObjective)
+
+
+def text_setup(cfg: Config) -> Setup:
+    tokenizer, train_ids, dev_ids, attributes = training_rows(cfg)
+    model = build_model(cfg, tokenizer, attributes)
+    log.info("model: %.2fM parameters (denoiser %d x %d, embedding dim %d), %s schedule, T=%s, predicts %s",
+             sum(p.numel() for p in model.parameters()) / 1e6, cfg.model.num_layers, cfg.model.hidden_size,
+             cfg.model.embed_dim, cfg.diffusion.schedule, cfg.diffusion.num_steps, cfg.diffusion.prediction)
+    return Setup(tokenizer, train_ids, dev_ids, model, TextObjective)
 
 
 def training_rows(cfg: Config):
@@ -208,6 +228,8 @@ def _check(cfg: Config) -> None:
         raise DifflmError(f"unknown diffusion.prediction {d.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
     if d.num_steps < 1:
         raise DifflmError(f"diffusion.num_steps must be positive, got {d.num_steps}")
+    if cfg.data.modality not in ("text", "image"):
+        raise DifflmError(f"unknown data.modality {cfg.data.modality!r}; choose text or image")
     for name in ("attribute_dropout", "unconditional_prob"):
         if not 0 <= getattr(m, name) <= 1:
             raise DifflmError(f"model.{name} must be between 0 and 1, got {getattr(m, name)}")
@@ -223,16 +245,18 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False) -> Trai
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
     device = resolve_device(t.device)
-    tokenizer, train_ids, dev_ids, attributes = training_rows(cfg)
-    train_ids, dev_ids = train_ids.to(device), dev_ids.to(device)
-    model = build_model(cfg, tokenizer, attributes).to(device).train()
-    log.info("model: %.2fM parameters (denoiser %d x %d, embedding dim %d), %s schedule, T=%s, predicts %s",
-             sum(p.numel() for p in model.parameters()) / 1e6, cfg.model.num_layers, cfg.model.hidden_size,
-             cfg.model.embed_dim, cfg.diffusion.schedule, cfg.diffusion.num_steps, cfg.diffusion.prediction)
+    if cfg.data.modality == "image":
+        from .image import image_setup
+
+        setup = image_setup(cfg)
+    else:
+        setup = text_setup(cfg)
+    tokenizer, model = setup.tokenizer, setup.model.to(device).train()
+    train_ids, dev_ids = setup.train_rows.to(device), setup.dev_rows.to(device)
     ema = EMA(model, t.ema_decay)  # an fp32 copy, taken before an engine may cast or partition the model
     # torch.compile wraps the denoiser; `model` stays the plain module, so weights save without a prefix
-    objective = TextObjective(torch.compile(model) if t.compile else model)
-    ema_objective = TextObjective(ema.model)
+    objective = setup.objective(torch.compile(model) if t.compile else model)
+    ema_objective = setup.objective(ema.model)
     engine = make_engine(objective, t)
     main = rank() == 0  # under a launcher only rank 0 writes; each rank draws its own batches
     out = Path(t.out_dir)
@@ -245,8 +269,7 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False) -> Trai
     def next_loss():
         with engine.autocast():
             losses = objective(next(data), generator=g)
-        return losses.loss, {"denoising": losses.denoising.item(), "rounding": losses.rounding.item(),
-                             "prior": losses.prior.item()}
+        return losses.loss, losses.parts()
 
     def evaluate():
         return {"dev_loss": dev_loss(objective, dev_ids, t.batch_size, t.eval_batches),
