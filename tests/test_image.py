@@ -205,3 +205,27 @@ def test_reads_the_shared_mnist_files():
                                     image_size=28, max_train_examples=100))
     assert splits.train.shape == (100, 1, 28, 28) and splits.dev.shape == (10000, 1, 28, 28)
     assert splits.train.dtype == torch.uint8 and splits.train.max() == 255
+
+
+def _image_folder(root, sizes):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        for k, size in enumerate(sizes):
+            Image.fromarray(builtin_shapes(1, k, size)[0, 0].numpy()).save(root / split / f"{k}.png")
+
+
+def test_image_folders_load_through_datasets(tmp_path, capsys):
+    """The `datasets` path (Hub ids use it too), offline: an image folder with train/ and test/ splits."""
+    from difflm.config import DataConfig
+    from difflm.image import load_images
+
+    _image_folder(tmp_path / "ok", [8] * 4)
+    splits = load_images(DataConfig(modality="image", source=str(tmp_path / "ok"), dev_split="test", image_size=8))
+    assert splits.train.shape == (4, 1, 8, 8) and splits.dev.shape == (4, 1, 8, 8)
+    _image_folder(tmp_path / "mixed", [8, 9, 8])
+    code, _, err = run(capsys, "train", "--config", TINY, f"train.out_dir={tmp_path / 'run'}",
+                       f"data.source={tmp_path / 'mixed'}", "data.dev_split=test", "--no-progress")
+    assert code == 2 and "mixed sizes" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "model").exists()
