@@ -32,7 +32,7 @@ from .config import Config, save_config
 from .data import parse_mr, special_ids
 from .engines import TorchEngine
 from .errors import DifflmError
-from .modeling import TimeEmbedding
+from .modeling import TimeEmbedding, model_type, register_auto_classes
 from .tagging import POS_TAGS
 from .text import embed_with_noise, save_model
 from .train import BatchStream, check_loop_config, prepare_data, resolve_device, run_loop
@@ -123,14 +123,7 @@ class NoisyClassifier(PreTrainedModel):
         return torch.cat(parts, dim=-1)
 
 
-def _register_auto_classes() -> None:
-    from transformers import AutoConfig, AutoModel
-
-    AutoConfig.register(NoisyClassifierConfig.model_type, NoisyClassifierConfig, exist_ok=True)
-    AutoModel.register(NoisyClassifierConfig, NoisyClassifier, exist_ok=True)
-
-
-_register_auto_classes()
+register_auto_classes(NoisyClassifierConfig, NoisyClassifier)
 
 
 # ---- labels ------------------------------------------------------------------------------------------------------
@@ -310,13 +303,7 @@ def load_classifier(path: str, model=None, device="cpu") -> NoisyClassifier:
     p = Path(path)
     if (p / "model" / "config.json").is_file():
         p = p / "model"
-    import json
-
-    try:
-        kind = json.loads((p / "config.json").read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError):
-        kind = None
-    if kind != NoisyClassifierConfig.model_type:
+    if model_type(p) != NoisyClassifierConfig.model_type:
         raise DifflmError(f"{path} is not a classifier directory; train one with `difflm train-classifier`")
     clf = NoisyClassifier.from_pretrained(p, local_files_only=True).to(device).eval().requires_grad_(False)
     if model is not None and clf.config.diffusion_fingerprint != model_fingerprint(model):

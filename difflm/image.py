@@ -28,7 +28,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from .config import Config, DataConfig
 from .diffusion import ELBOTerms, GaussianDiffusion, _bcast, _sum_except_batch
 from .errors import DifflmError
-from .modeling import TimeEmbedding
+from .modeling import TimeEmbedding, model_type, register_auto_classes
 from .schedules import get_schedule
 
 log = logging.getLogger("difflm")
@@ -259,14 +259,7 @@ class ImageDiffusionModel(PreTrainedModel):
         return self.out(h)
 
 
-def _register_auto_classes() -> None:
-    from transformers import AutoConfig, AutoModel
-
-    AutoConfig.register(ImageDiffusionConfig.model_type, ImageDiffusionConfig, exist_ok=True)
-    AutoModel.register(ImageDiffusionConfig, ImageDiffusionModel, exist_ok=True)
-
-
-_register_auto_classes()
+register_auto_classes(ImageDiffusionConfig, ImageDiffusionModel)
 
 
 # ---- likelihood --------------------------------------------------------------------------------------------------
@@ -382,13 +375,7 @@ def image_setup(cfg: Config):
 
 
 def is_image_model(path) -> bool:
-    import json
-
-    cfg = Path(path) / "config.json"
-    try:
-        return json.loads(cfg.read_text()).get("model_type") == ImageDiffusionConfig.model_type
-    except (OSError, ValueError):
-        return False
+    return model_type(path) == ImageDiffusionConfig.model_type
 
 
 def load_image_model(path, device="cpu") -> ImageDiffusionModel:

@@ -7,7 +7,9 @@ transformers' configuration classes, input/output projections, a sinusoidal time
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -123,12 +125,20 @@ class TextDiffusionModel(PreTrainedModel):
         return self.output_proj(h)  # (B, L, d)
 
 
-def _register_auto_classes() -> None:
-    """Let AutoConfig / AutoModel (and AutoTokenizer, which reads config.json) recognise difflm directories."""
+def register_auto_classes(config_class, model_class) -> None:
+    """Let AutoConfig / AutoModel (and AutoTokenizer, which reads config.json) recognise a difflm directory."""
     from transformers import AutoConfig, AutoModel
 
-    AutoConfig.register(TextDiffusionConfig.model_type, TextDiffusionConfig, exist_ok=True)
-    AutoModel.register(TextDiffusionConfig, TextDiffusionModel, exist_ok=True)
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, model_class, exist_ok=True)
 
 
-_register_auto_classes()
+def model_type(path) -> Optional[str]:
+    """The `model_type` in a model directory's config.json, or None (no such file, or not a JSON object)."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+register_auto_classes(TextDiffusionConfig, TextDiffusionModel)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -12,7 +11,7 @@ import torch
 from .data import decode
 from .errors import DifflmError
 from .files import AtomicDir
-from .modeling import TextDiffusionConfig, TextDiffusionModel
+from .modeling import TextDiffusionConfig, TextDiffusionModel, model_type
 from .rounding import nearest_embedding, round_to_tokens, rounding_nll
 from .sampling import sample
 
@@ -245,12 +244,7 @@ def load_model(path, device="cpu"):
     p = Path(path)
     if not p.is_dir():
         raise DifflmError(f"model directory {path} does not exist; train one with `difflm train`")
-    cfg_file = p / "config.json"
-    try:
-        model_type = json.loads(cfg_file.read_text()).get("model_type") if cfg_file.is_file() else None
-    except json.JSONDecodeError:
-        model_type = None
-    if model_type != TextDiffusionConfig.model_type:
+    if model_type(p) != TextDiffusionConfig.model_type:
         raise DifflmError(f"{path} is not a difflm model directory (no config.json with model_type "
                           f"{TextDiffusionConfig.model_type!r}); give the out_dir of `difflm train`")
     model = TextDiffusionModel.from_pretrained(p, local_files_only=True).to(device)
