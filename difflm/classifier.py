@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -29,7 +28,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedModel
 
 from .config import Config, save_config
-from .data import parse_mr, special_ids
+from .data import mr_values, parse_mr, special_ids
 from .engines import TorchEngine
 from .errors import DifflmError
 from .modeling import TimeEmbedding, model_type, register_auto_classes
@@ -127,15 +126,6 @@ register_auto_classes(NoisyClassifierConfig, NoisyClassifier)
 
 
 # ---- labels ------------------------------------------------------------------------------------------------------
-def content_fields(mrs: List[str], min_count: int = 2) -> Dict[str, List[str]]:
-    """The fields and values seen in meaning representations (values seen fewer than `min_count` times dropped)."""
-    counts: Dict[str, Counter] = {}
-    for mr in mrs:
-        for field, value in parse_mr(mr).items():
-            counts.setdefault(field, Counter())[value] += 1
-    return {f: sorted(v for v, n in c.items() if n >= min_count) for f, c in sorted(counts.items())}
-
-
 def content_labels(mrs: List[str], fields: Dict[str, List[str]]) -> torch.Tensor:
     """(N, fields) class indices: 0 when the field is absent (or its value unknown), else 1 + the value's index."""
     index = {f: {v: i + 1 for i, v in enumerate(vals)} for f, vals in fields.items()}
@@ -241,7 +231,7 @@ def train_classifier(model, tokenizer, cfg: Config, task: str, show_progress: bo
                           "CSVs, meaning_representation on the Hub) or use builtin:restaurants")
     _, train_ids, dev_ids = prepare_data(cfg, tokenizer, texts)
     n = min(len(train_ids), c.max_examples) if c.max_examples else len(train_ids)
-    fields = content_fields(texts.train_mr[:n]) if task == "content" else {}
+    fields = mr_values(texts.train_mr[:n]) if task == "content" else {}
     log.info("labelling %d train and %d dev texts for %s", n, min(len(dev_ids), 1024), task)
     train = task_labels(task, train_ids[:n], texts.train_mr[:n] if texts.train_mr else None, tokenizer, fields)
     dev = task_labels(task, dev_ids[:1024], texts.dev_mr[:1024] if texts.dev_mr else None, tokenizer, fields)

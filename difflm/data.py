@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -38,6 +39,15 @@ def parse_mr(mr: str) -> Dict[str, str]:
         if value.strip():
             out[field.strip()] = value.strip()
     return out
+
+
+def mr_values(mrs: List[str], min_count: int = 2) -> Dict[str, List[str]]:
+    """{field: sorted values} stated in meaning representations at least `min_count` times, fields sorted."""
+    counts: Dict[str, Counter] = {}
+    for mr in mrs:
+        for field, value in parse_mr(mr).items():
+            counts.setdefault(field, Counter())[value] += 1
+    return {f: sorted(v for v, n in c.items() if n >= min_count) for f, c in sorted(counts.items())}
 
 
 def _looks_local(source: str) -> bool:

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -23,7 +22,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .config import Config, LoopConfig, save_config
-from .data import TextSplits, build_tokenizer, encode, load_texts, load_tokenizer, parse_mr, special_ids
+from .data import TextSplits, build_tokenizer, encode, load_texts, load_tokenizer, mr_values, parse_mr, special_ids
 from .diffusion import PREDICTIONS
 from .engines import engine_config, make_engine, rank, world_size
 from .errors import DifflmError
@@ -73,8 +72,7 @@ def prepare_data(cfg: Config, tokenizer=None, texts: Optional[TextSplits] = None
 
 def attribute_names(mrs: List[str], min_count: int = 2) -> List[str]:
     """The `field=value` pairs of meaning representations seen at least `min_count` times, sorted."""
-    counts = Counter(f"{k}={v}" for mr in mrs for k, v in parse_mr(mr).items())
-    return sorted(a for a, n in counts.items() if n >= min_count)
+    return sorted(f"{f}={v}" for f, values in mr_values(mrs, min_count).items() for v in values)
 
 
 def attribute_vectors(mrs: List[str], names: List[str]) -> torch.Tensor:

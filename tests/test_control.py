@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from difflm.classifier import (POSITION_CLASSES, SPAN_CLASSES, NoisyClassifier, NoisyClassifierConfig,
-                               classifier_loss, content_fields, content_labels, load_classifier, model_fingerprint,
+                               classifier_loss, content_labels, load_classifier, model_fingerprint,
                                position_labels, span_labels)
 from difflm.cli import main
 from difflm.config import GuidanceConfig
 from difflm.control import ControlContext, Target, parse_target, success, token_constraints
-from difflm.data import parse_mr
+from difflm.data import mr_values, parse_mr
 from difflm.diffusion import GaussianDiffusion
 from difflm.errors import DifflmError
 from difflm.grammar import builtin_grammar
@@ -107,7 +107,7 @@ def test_last_steps_can_be_left_unguided():
 # ---- labels and classifiers --------------------------------------------------------------------------------------
 def test_labels_of_each_task():
     mrs = ["name[Aromi], food[Italian]", "name[Aromi]", "name[Zizzi], food[French]", "name[Zizzi], food[Italian]"]
-    fields = content_fields(mrs, min_count=1)
+    fields = mr_values(mrs, min_count=1)
     assert fields == {"food": ["French", "Italian"], "name": ["Aromi", "Zizzi"]}
     assert content_labels(mrs, fields).tolist() == [[2, 1], [0, 1], [1, 2], [2, 2]]
     pos = position_labels([["PROPN", "VERB"]], 6)[0].tolist()
