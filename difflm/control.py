@@ -225,12 +225,15 @@ def make_control(targets: Dict[str, List[Target]], ctx: ControlContext):
 
     def control(a: int, b: int, model_fn: SamplingModelFn) -> BatchControl:
         guides, fixed = [], None
+        free = ctx.free and "content" in targets
+        if free:  # classifier-free guidance changes the model_fn, whose x0 estimate the token guides then read
+            attrs = [attribute_vector(r, model.config.attributes) for r in targets["content"][a:b]]
+            model_fn = SamplingModelFn(model, torch.stack(attrs).to(device), g.free_weight)
         for task, rows in targets.items():
             rows = rows[a:b]
-            if task == "content" and ctx.free:
-                attrs = torch.stack([attribute_vector(r, model.config.attributes) for r in rows]).to(device)
-                model_fn = SamplingModelFn(model, attrs, g.free_weight)
-            elif task in CLASSIFIED:
+            if task == "content" and free:
+                continue
+            if task in CLASSIFIED:
                 clf = ctx.classifier(task)
                 idx = [classifier_index(r, clf, L) for r in rows]
                 k = max(len(i) for i in idx)
@@ -240,9 +243,7 @@ def make_control(targets: Dict[str, List[Target]], ctx: ControlContext):
                 parts = [token_constraints(r, ctx) for r in rows]
                 f, allowed, constrained = (torch.stack(p).to(device) for p in zip(*parts))
                 fixed = f if fixed is None else torch.where(f >= 0, f, fixed)
-                guides.append((None, g.constraint_weight, allowed, constrained))
-        # token guides read the x0 estimate of the batch's model_fn (after classifier-free guidance is chosen)
-        guides = [(TokenGuide(model_fn.x0, weight, p[2], p[3]), p[1]) if p[0] is None else p for p in guides]
+                guides.append((TokenGuide(model_fn.x0, weight, allowed, constrained), g.constraint_weight))
         guide = Guidance(model.diffusion, guides, g) if guides else None
         if fixed is None or not g.impute:
             return BatchControl(model_fn=model_fn, guide=guide)
