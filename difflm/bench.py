@@ -1,27 +1,45 @@
 """`difflm bench`: training and sampling throughput of Diffusion-LM's recipe against difflm's fast settings,
-measured in one run on one device, printed as a table with the ratio.
+measured in one run on one device, printed table by table as the measurements finish.
 
-Training (a) the recipe: fp32, eager attention, batch 64, AdamW; (b) the fast default: bf16 autocast (on CUDA),
-SDPA attention, fused AdamW (on CUDA), torch.compile (on CUDA), a larger batch. Sampling: the recipe's
-fp32 batch 50 with 2000 ancestral steps against bf16, a large batch and DDIM at 200 and 50 steps; its sequences/s
-come from the measured time of one denoiser call times the number of steps (the sampler's cost is its calls).
-On a CPU the same command runs on the config's (small) model; there only the ratios mean anything.
+Sections (all by default, `--sections` picks some):
+- training: (a) the recipe: fp32, eager attention, batch 64; (b) difflm's GPU default: bf16 autocast, SDPA
+  attention, fused AdamW, torch.compile, a larger batch. Each step is `difflm train`'s own loop step (loss,
+  backward, clipping, AdamW, schedule, EMA), timed after warm-up; MFU is against the measured bf16 matmul peak.
+- quality: dev loss against training sequences seen for both, on the embedded grammar corpus, the larger batch
+  with its learning rate scaled by sqrt(batch ratio): whether the larger batch costs quality per sequence seen.
+- engines: plain PyTorch against DeepSpeed ZeRO 0-3 at identical settings (bf16 autocast over fp32 weights on
+  a GPU), DeepSpeed's own bf16 mode (train.cast_weights), and ZeRO-2 with torch.compile (GPU).
+- memory (GPU): peak memory at sequence lengths 64, 256 and 1024, with and without activation checkpointing.
+- sampling: the recipe (fp32, batch 50, 2000 ancestral steps) against bf16 at a large batch with DDIM at 200 and
+  50 steps, and with CUDA graphs (GPU); the real sampler loop, rounding included.
+Every row also counts host synchronisations per step (a GPU that waits for the host idles): on CUDA those torch's
+sync debug mode reports, on a CPU the reads of a tensor's value. A row that fails prints its error and the run
+goes on. On a CPU the same command runs on the config's (small) model; there only the ratios mean anything.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
+import os
 import time
+import traceback
+import warnings
 from dataclasses import dataclass, replace
-from typing import List, Optional
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .config import Config
 from .engines import DeepSpeedEngine, TorchEngine
 from .modeling import TextDiffusionConfig, TextDiffusionModel
-from .text import TextObjective
-from .train import BatchStream, dev_loss, model_config
+from .precision import autocast
+from .text import SamplingModelFn, TextObjective, compiled_network, sample_ids
+from .train import EMA, BatchStream, dev_loss, ema_updater, loss_stream, model_config, run_loop
+
+SECTIONS = ("training", "quality", "engines", "memory", "sampling")
+RECIPE_BATCH, RECIPE_SAMPLE_BATCH, RECIPE_T = 64, 50, 2000
 
 
 @dataclass(frozen=True)
@@ -32,17 +50,22 @@ class Variant:
     attention: str  # eager or sdpa
     compile: bool
     fused: bool
+    engine: str = "torch"
+    zero_stage: int = 0
+    cast_weights: bool = False  # DeepSpeed's own bf16 mode instead of autocast
+    checkpointing: bool = False  # recompute the denoiser's activations in backward
+    lr_scale: float = 1.0  # the learning rate relative to the config's
 
 
 @dataclass
 class Row:
-    variant: Variant
     seconds_per_step: float
     sequences_per_s: float
     tokens_per_s: float
     tflops: float
     mfu: Optional[float]
     peak_memory_gb: Optional[float]
+    host_syncs: float  # per step
 
 
 def train_flops_per_sequence(mcfg: TextDiffusionConfig) -> float:
@@ -75,168 +98,288 @@ def matmul_peak(device: torch.device, bf16: bool, size: int = 4096, repeats: int
     return 2 * size ** 3 * repeats / (time.perf_counter() - start)
 
 
-def _autocast(device, bf16):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+class HostReads(TorchFunctionMode):
+    """Counts the calls that copy a tensor's value to the host (on a GPU each waits for the queue to drain). Reads
+    inside torch.optim are left out: AdamW's step counters live on the host unless it is fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("item", "__bool__", "__float__", "__int__", "tolist", "__index__"):
+            if not any("torch/optim/" in f.filename for f in traceback.extract_stack(limit=6)):
+                self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
-def time_training(cfg: Config, vocab: int, variant: Variant, device: torch.device, steps: int,
-                  warmup: int, peak: float, zero_stage: Optional[int] = None, checkpointing: bool = False) -> Row:
-    """Time `steps` training steps of `variant`; `zero_stage` runs them through the DeepSpeed engine instead
-    (bf16 then is DeepSpeed's own mode); `checkpointing` recomputes the denoiser's activations in backward."""
-    torch.manual_seed(0)
-    mcfg = model_config(cfg, vocab, attention=variant.attention)
-    model = TextDiffusionModel(mcfg).to(device).train()
-    if checkpointing:
-        model.denoiser.gradient_checkpointing_enable()
-    ids = torch.randint(0, vocab, (variant.batch, mcfg.seq_len), device=device)
-    train_cfg = replace(cfg.train, batch_size=variant.batch, precision="bf16" if variant.bf16 else "fp32",
-                        deepspeed_config="")
-    # as in training: the loss is one module (ZeRO-3 gathers the tied embedding there); compile wraps the denoiser
-    objective = TextObjective(torch.compile(model) if variant.compile else model)
-    if zero_stage is None:
-        engine = TorchEngine(objective, train_cfg, fused=variant.fused and device.type == "cuda")
-    else:
-        engine = DeepSpeedEngine(objective, replace(train_cfg, engine="deepspeed", zero_stage=zero_stage))
+def count_host_syncs(fn: Callable[[], None], device: torch.device) -> int:
+    """Host synchronisations during fn(): on CUDA those that torch's sync debug mode reports, on a CPU the reads
+    of tensor values (HostReads)."""
+    if device.type != "cuda":
+        with HostReads() as reads:
+            fn()
+        return reads.count
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+class Trainer:
+    """A training set-up as `difflm train` builds it (model, EMA, loss module, engine, the loop's step) on `ids`."""
+
+    def __init__(self, cfg: Config, vocab: int, v: Variant, device: torch.device, ids: torch.Tensor,
+                 max_steps: Optional[int] = None):
+        torch.manual_seed(0)
+        self.mcfg = model_config(cfg, vocab, attention=v.attention)
+        self.model = TextDiffusionModel(self.mcfg).to(device).train()
+        if v.checkpointing:
+            self.model.denoiser.gradient_checkpointing_enable()
+        self.cfg = replace(cfg.train, batch_size=v.batch, lr=cfg.train.lr * v.lr_scale, engine=v.engine,
+                           zero_stage=v.zero_stage, cast_weights=v.cast_weights, compile=v.compile, grad_accum=1,
+                           precision="bf16" if v.bf16 else "fp32", deepspeed_config="", max_minutes=0.0,
+                           max_steps=max_steps or cfg.train.max_steps)
+        ema = EMA(self.model, self.cfg.ema_decay)
+        objective = TextObjective(torch.compile(self.model) if v.compile else self.model)
+        self.engine = (TorchEngine(objective, self.cfg, fused=v.fused and device.type == "cuda") if v.engine == "torch"
+                       else DeepSpeedEngine(objective, self.cfg))
+        g = torch.Generator(device=device).manual_seed(0)
+        self.next_loss = loss_stream(objective, self.engine, BatchStream(ids, v.batch, 0), g)
+        self.after_step, self.steps = ema_updater(self.engine, ema, self.model), 0
+
+    def loop(self, n: int) -> None:
+        """n more steps of the training loop, which logs (reads the loss back) only at its last step."""
+        end = self.steps + n
+        run_loop(self.engine, self.next_loss, dict, lambda step: None,
+                 replace(self.cfg, max_steps=end, log_every=end, eval_every=end, save_every=end), Path(os.devnull),
+                 after_step=self.after_step, show_progress=False, start_step=self.steps)
+        self.steps = end
+
+
+def time_training(cfg: Config, vocab: int, v: Variant, device: torch.device, steps: int, warmup: int,
+                  peak: float) -> Row:
+    """Seconds per training step of `v` (after `warmup` steps), throughput, MFU, peak memory and host syncs."""
+    ids = torch.randint(0, vocab, (4 * v.batch, cfg.data.seq_len), device=device)
+    trainer = Trainer(cfg, vocab, v, device, ids)
+    trainer.loop(warmup)
+    _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-    def step():
-        with engine.autocast():
-            loss = objective(ids).loss
-        engine.step(loss)
-
-    for _ in range(warmup):
-        step()
-    _sync(device)
     start = time.perf_counter()
-    for _ in range(steps):
-        step()
+    trainer.loop(steps)
     _sync(device)
     sec = (time.perf_counter() - start) / steps
-    flops = train_flops_per_sequence(mcfg) * variant.batch / sec
-    return Row(variant, sec, variant.batch / sec, variant.batch * mcfg.seq_len / sec, flops / 1e12,
-               flops / peak if peak else None,
-               torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
+    memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    one, three = (count_host_syncs(lambda k=k: trainer.loop(k), device) for k in (1, 3))
+    flops = train_flops_per_sequence(trainer.mcfg) * v.batch / sec
+    return Row(sec, v.batch / sec, v.batch * cfg.data.seq_len / sec, flops / 1e12, flops / peak if peak else None,
+               memory, (three - one) / 2)
 
 
-@torch.no_grad()
-def time_sampling_call(cfg: Config, vocab: int, batch: int, bf16: bool, attention: str, device, calls: int = 5):
-    """Seconds per denoiser call at this batch (what one sampler step costs)."""
-    mcfg = model_config(cfg, vocab, attention=attention)
-    model = TextDiffusionModel(mcfg).to(device).eval()
-    x = torch.randn(batch, mcfg.seq_len, mcfg.embed_dim, device=device)
-    t = torch.full((batch,), 0.5, device=device)
-    with _autocast(device, bf16):
-        model(x, t)
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            model(x, t)
-        _sync(device)
-    return (time.perf_counter() - start) / calls
+class Bench:
+    """The measurements of one run, each table printed as soon as its rows are measured; a row that fails
+    prints its error instead."""
 
+    def __init__(self, cfg: Config, vocab: int, device: torch.device, steps: int, warmup: int,
+                 emit: Callable[[str], None] = print):
+        self.cfg, self.vocab, self.device, self.steps, self.warmup, self.emit = cfg, vocab, device, steps, warmup, emit
+        self.cuda = device.type == "cuda"
+        self.peak = matmul_peak(device, bf16=self.cuda)
+        self.rows: Dict[Variant, Optional[Row]] = {}
 
-def variants(device: torch.device, fast_batch: int) -> List[Variant]:
-    cuda = device.type == "cuda"
-    recipe = Variant("recipe", 64, bf16=False, attention="eager", compile=False, fused=False)
-    return [recipe, Variant("difflm", fast_batch, bf16=cuda, attention="sdpa", compile=cuda, fused=cuda)]
+    def row(self, v: Variant, cfg: Optional[Config] = None, steps: Optional[int] = None) -> Optional[Row]:
+        """The measured row of `v` (measured once per run), or None after printing why it failed."""
+        key = replace(v, name="") if cfg is None else None
+        if key in self.rows:
+            return self.rows[key]
+        try:
+            row = time_training(cfg or self.cfg, self.vocab, v, self.device, steps or self.steps,
+                                min(self.warmup, steps or self.warmup), self.peak)
+        except Exception as e:  # one failed configuration must not cost the rest of a GPU session's measurements
+            oom = isinstance(e, torch.cuda.OutOfMemoryError)
+            self.emit(f"({v.name}: {'out of memory' if oom else f'failed: {type(e).__name__}: {str(e)[:300]}'})")
+            row = None
+        finally:
+            if self.cuda:
+                torch.cuda.empty_cache()
+        if key is not None:
+            self.rows[key] = row
+        return row
 
+    def variants(self, fast_batch: int) -> List[Variant]:
+        c = self.cuda
+        recipe = Variant("recipe", RECIPE_BATCH, bf16=False, attention="eager", compile=False, fused=False)
+        return [recipe, Variant("difflm", fast_batch, bf16=c, attention="sdpa", compile=c, fused=c,
+                                lr_scale=math.sqrt(fast_batch / RECIPE_BATCH))]
 
-def loss_by_sequences(cfg: Config, device, variant_list: List[Variant], total: int, points: int = 4) -> List[str]:
-    """Dev loss against training sequences seen, for each variant, on the embedded grammar corpus (always at hand,
-    with no download): whether a larger batch costs quality per sequence seen."""
-    from .data import build_tokenizer, encode
-    from .grammar import builtin_grammar
+    def header(self) -> None:
+        where = (torch.cuda.get_device_name(self.device) if self.cuda
+                 else "CPU (absolute figures are not meaningful: ratios only)")
+        m = self.cfg.model
+        self.emit(f"device: {where}; measured {'bf16' if self.cuda else 'fp32'} matmul peak "
+                  f"{self.peak / 1e12:.2f} TFLOP/s; model {m.num_layers} x {m.hidden_size}, d={m.embed_dim}, "
+                  f"length {self.cfg.data.seq_len}, vocabulary {self.vocab}\n")
 
-    g = builtin_grammar()
-    texts, dev_texts = g.corpus(20000, seed=1), g.corpus(512, seed=2)
-    tok = build_tokenizer(texts)
-    ids, _ = encode(texts, tok, cfg.data.seq_len)
-    dev_ids, _ = encode(dev_texts, tok, cfg.data.seq_len)
-    ids, dev_ids = ids.to(device), dev_ids.to(device)
-    marks = [total * (k + 1) // points for k in range(points)]
-    curves = []
-    for v in variant_list:
+    def training(self, fast_batch: int) -> None:
+        self.emit("| training | batch | bf16 | attention | compile | fused AdamW | ms/step | seq/s | tokens/s | "
+                  "TFLOP/s | MFU | peak GB | host syncs/step |")
+        self.emit("| --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        rows = []
+        for v in self.variants(fast_batch):
+            r = self.row(v)
+            rows.append(r)
+            if r is not None:
+                self.emit(f"| {v.name} | {v.batch} | {v.bf16} | {v.attention} | {v.compile} | {v.fused} | "
+                          f"{1000 * r.seconds_per_step:.1f} | {r.sequences_per_s:,.0f} | {r.tokens_per_s:,.0f} | "
+                          f"{r.tflops:.2f} | {_pct(r.mfu)} | {_gb(r)} | {r.host_syncs:g} |")
+        if all(rows):
+            self.emit(f"\ntraining throughput ratio difflm / recipe: "
+                      f"{rows[1].sequences_per_s / rows[0].sequences_per_s:.2f}x")
+        self.emit("")
+
+    def engines(self, fast_batch: int) -> None:
+        """Plain PyTorch against DeepSpeed at identical settings (the fast variant without compile), DeepSpeed's
+        own bf16 mode, and plain against ZeRO-2 both compiled (GPU)."""
+        base = replace(self.variants(fast_batch)[1], name="plain PyTorch", compile=False)
+        rows = [base] + [replace(base, name=f"DeepSpeed ZeRO-{s}", engine="deepspeed", zero_stage=s) for s in range(4)]
+        if self.cuda:
+            rows += [replace(base, name="DeepSpeed ZeRO-2, cast weights", engine="deepspeed", zero_stage=2,
+                             cast_weights=True),
+                     replace(base, name="plain PyTorch + compile", compile=True),
+                     replace(base, name="DeepSpeed ZeRO-2 + compile", engine="deepspeed", zero_stage=2, compile=True)]
+        self.emit(f"| engine (batch {base.batch}, {'bf16' if base.bf16 else 'fp32'}) | ms/step | ratio to plain | "
+                  f"peak GB | host syncs/step |")
+        self.emit("| --- | ---: | ---: | ---: | ---: |")
+        plain = {False: self.row(base)}
+        for v in rows:
+            r = self.row(v)
+            if v.compile and r is not None and v.engine == "torch":
+                plain[True] = r
+            ref = plain.get(v.compile)
+            if r is not None:
+                ratio = f"{r.seconds_per_step / ref.seconds_per_step:.2f}x" if ref else ""
+                self.emit(f"| {v.name} | {1000 * r.seconds_per_step:.1f} | {ratio} | {_gb(r)} | {r.host_syncs:g} |")
+        self.emit("\n(ratio: step time over plain PyTorch's with the same compile setting)\n")
+
+    def memory(self) -> None:
+        if not self.cuda:
+            self.emit("(peak memory by sequence length is measured on CUDA only)\n")
+            return
+        base = Variant("memory", RECIPE_BATCH, bf16=True, attention="sdpa", compile=False, fused=True)
+        self.emit(f"| length (batch {base.batch}, bf16) | peak GB | peak GB, activation checkpointing |")
+        self.emit("| ---: | ---: | ---: |")
+        for length in (64, 256, 1024):
+            cfg = replace(self.cfg, data=replace(self.cfg.data, seq_len=length))
+            cells = [self.row(replace(base, name=f"length {length}", checkpointing=c), cfg=cfg, steps=2)
+                     for c in (False, True)]
+            self.emit(f"| {length} | {' | '.join(_gb(c) if c else 'failed' for c in cells)} |")
+        self.emit("")
+
+    def quality(self, fast_batch: int, total: int, points: int = 4) -> None:
+        """Dev loss against training sequences seen, for both variants, on the embedded grammar corpus (always at
+        hand, no download); each variant's schedule spans the run."""
+        from .data import build_tokenizer, encode
+        from .grammar import builtin_grammar
+
+        g = builtin_grammar()
+        texts, dev_texts = g.corpus(20000, seed=1), g.corpus(512, seed=2)
+        tok = build_tokenizer(texts)
+        ids, _ = encode(texts, tok, self.cfg.data.seq_len)
+        dev_ids, _ = encode(dev_texts, tok, self.cfg.data.seq_len)
+        ids, dev_ids = ids.to(self.device), dev_ids.to(self.device)
+        marks = [total * (k + 1) // points for k in range(points)]
+        variants, curves = self.variants(fast_batch), []
+        for v in variants:
+            trainer = Trainer(self.cfg, len(tok), v, self.device, ids, max_steps=max(1, total // v.batch))
+            curve = []
+            for mark in marks:
+                more = -(-mark // v.batch) - trainer.steps  # steps until `mark` sequences are seen
+                if more > 0:
+                    trainer.loop(more)
+                curve.append(dev_loss(TextObjective(trainer.model), dev_ids, 128, 4))
+            curves.append(curve)
+        self.emit("| sequences seen | " + " | ".join(f"dev loss, {v.name} (batch {v.batch}, lr "
+                                                    f"{self.cfg.train.lr * v.lr_scale:.2g})" for v in variants) + " |")
+        self.emit("| ---: |" + " ---: |" * len(variants))
+        for k, mark in enumerate(marks):
+            self.emit(f"| {mark:,} | " + " | ".join(f"{c[k]:.4f}" for c in curves) + " |")
+        self.emit("\n(embedded grammar corpus; the larger batch's learning rate is scaled by sqrt(batch ratio))\n")
+
+    @torch.no_grad()
+    def sampling(self, sample_batch: int) -> None:
+        """The sampler loop with rounding, per the recipe and difflm's settings; the recipe's 2000 steps are
+        timed over 100 of them (every step costs the same) and scaled."""
+        cfg = replace(self.cfg, diffusion=replace(self.cfg.diffusion, num_steps=RECIPE_T))
+        runs = [("recipe (fp32, ancestral)", RECIPE_SAMPLE_BATCH, False, "eager", False, "ddpm", 100, RECIPE_T)]
+        for k in (200, 50):
+            runs.append((f"difflm ({'bf16, ' if self.cuda else ''}DDIM)", sample_batch, self.cuda, "sdpa", False,
+                         "ddim", k, k))
+        if self.cuda:
+            runs.append(("difflm (bf16, DDIM, CUDA graphs)", sample_batch, True, "sdpa", True, "ddim", 200, 200))
+        self.emit("| sampling | batch | steps | s/step | seq/s | ratio to recipe | host syncs/step |")
+        self.emit("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        recipe_rate = None
+        for name, batch, bf16, attention, compiled, sampler, timed, steps in runs:
+            try:
+                per_step, syncs = self.time_sampler(cfg, batch, bf16, attention, compiled, sampler, timed)
+            except Exception as e:
+                self.emit(f"({name}, {steps} steps: failed: {type(e).__name__}: {str(e)[:300]})")
+                continue
+            rate = batch / (steps * per_step)
+            recipe_rate = recipe_rate or rate
+            self.emit(f"| {name} | {batch} | {steps} | {per_step:.4f} | {rate:,.3f} | {rate / recipe_rate:.1f}x | "
+                      f"{syncs:g} |")
+        self.emit("")
+
+    def time_sampler(self, cfg: Config, batch: int, bf16: bool, attention: str, compiled: bool, sampler: str,
+                     steps: int):
+        """(seconds per sampler step over a `steps`-step run after a warm-up run, host syncs per step)."""
         torch.manual_seed(0)
-        model = TextDiffusionModel(model_config(cfg, len(tok), attention=v.attention)).to(device).train()
-        train_cfg = replace(cfg.train, batch_size=v.batch, precision="bf16" if v.bf16 else "fp32",
-                            max_steps=max(1, total // v.batch))
-        engine = TorchEngine(model, train_cfg, fused=v.fused and device.type == "cuda")
-        objective, data, seen, curve = TextObjective(torch.compile(model) if v.compile else model), \
-            BatchStream(ids, v.batch, 0), 0, []
-        for mark in marks:
-            while seen < mark:
-                with engine.autocast():
-                    loss = objective(next(data)).loss
-                engine.step(loss)
-                seen += v.batch
-            curve.append(dev_loss(TextObjective(model), dev_ids, 128, 4))
-        curves.append(curve)
-    lines = ["| sequences seen | " + " | ".join(f"dev loss, {v.name} (batch {v.batch})" for v in variant_list) + " |",
-             "| ---: |" + " ---: |" * len(variant_list)]
-    lines += [f"| {mark:,} | " + " | ".join(f"{c[k]:.4f}" for c in curves) + " |" for k, mark in enumerate(marks)]
-    return lines + ["", "(embedded grammar corpus; each variant's lr is the config's, its schedule spans the run)", ""]
+        model = TextDiffusionModel(model_config(cfg, self.vocab, attention=attention)).to(self.device).eval()
+        net = compiled_network(model) if compiled else model
+
+        def draw(k):
+            with autocast(self.device.type, torch.bfloat16 if bf16 else None):
+                sample_ids(model, SamplingModelFn(model, net=net), batch, steps=k, sampler=sampler).tolist()
+
+        draw(3 if compiled else 2)
+        _sync(self.device)
+        start = time.perf_counter()
+        draw(steps)
+        per_step = (time.perf_counter() - start) / steps
+        one, three = (count_host_syncs(lambda k=k: draw(k), self.device) for k in (2, 4))
+        return per_step, (three - one) / 2
 
 
 def run(cfg: Config, vocab: int, device: torch.device, steps: int = 20, warmup: int = 5,
-        fast_batch: Optional[int] = None, sample_batch: Optional[int] = None, quality_sequences: int = 0) -> str:
-    """Measure and return the printed report (markdown tables)."""
+        fast_batch: Optional[int] = None, sample_batch: Optional[int] = None, quality_sequences: int = 0,
+        sections=SECTIONS, emit: Callable[[str], None] = print) -> None:
+    """Measure the chosen sections, emitting markdown tables as they finish."""
     cuda = device.type == "cuda"
     fast_batch = fast_batch or (512 if cuda else 256)
     sample_batch = sample_batch or (512 if cuda else 256)
-    peak = matmul_peak(device, bf16=cuda)
-    rows = [time_training(cfg, vocab, v, device, steps, warmup, peak) for v in variants(device, fast_batch)]
-    where = torch.cuda.get_device_name(device) if cuda else "CPU (absolute figures are not meaningful: ratios only)"
-    lines = [f"device: {where}; measured {'bf16' if cuda else 'fp32'} matmul peak {peak / 1e12:.2f} TFLOP/s; "
-             f"model {cfg.model.num_layers} x {cfg.model.hidden_size}, d={cfg.model.embed_dim}, "
-             f"length {cfg.data.seq_len}, vocabulary {vocab}", "",
-             "| training | batch | bf16 | attention | compile | fused AdamW | ms/step | seq/s | tokens/s | TFLOP/s | MFU | "
-             "peak GB |", "| --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        v = r.variant
-        lines.append(f"| {v.name} | {v.batch} | {v.bf16} | {v.attention} | {v.compile} | {v.fused} | "
-                     f"{1000 * r.seconds_per_step:.1f} | {r.sequences_per_s:,.0f} | {r.tokens_per_s:,.0f} | "
-                     f"{r.tflops:.2f} | {'' if r.mfu is None else f'{100 * r.mfu:.1f}%'} | "
-                     f"{'' if r.peak_memory_gb is None else f'{r.peak_memory_gb:.2f}'} |")
-    lines += ["", f"training throughput ratio difflm / recipe: {rows[1].sequences_per_s / rows[0].sequences_per_s:.2f}x",
-              ""]
-    lines += engine_and_length_tables(cfg, vocab, device, steps, warmup, peak, rows[1].variant)
-    if quality_sequences:
-        lines += loss_by_sequences(cfg, device, [r.variant for r in rows], quality_sequences)
-    recipe_call = time_sampling_call(cfg, vocab, 50, False, "eager", device)
-    fast_call = time_sampling_call(cfg, vocab, sample_batch, cuda, "sdpa", device)
-    recipe_rate = 50 / (2000 * recipe_call)
-    lines += ["| sampling | batch | steps | s/call | seq/s | ratio to recipe |", "| --- | ---: | ---: | ---: | ---: | ---: |",
-              f"| recipe (fp32, ancestral) | 50 | 2000 | {recipe_call:.4f} | {recipe_rate:.3f} | 1.00x |"]
-    for k in (200, 50):
-        rate = sample_batch / (k * fast_call)
-        lines.append(f"| difflm ({'bf16, ' if cuda else ''}DDIM) | {sample_batch} | {k} | {fast_call:.4f} | "
-                     f"{rate:.3f} | {rate / recipe_rate:.1f}x |")
-    return "\n".join(lines) + "\n"
-
-
-def engine_and_length_tables(cfg: Config, vocab: int, device, steps: int, warmup: int, peak: float,
-                             fast: Variant) -> List[str]:
-    """Plain PyTorch against DeepSpeed ZeRO 1/2/3 at identical settings (no compile: DeepSpeed wraps the module),
-    and peak memory at longer sequences with and without activation checkpointing (CUDA only)."""
-    base = replace(fast, name="plain", compile=False)
-    lines = ["| engine | ms/step | ratio to plain | peak GB |", "| --- | ---: | ---: | ---: |"]
-    plain = time_training(cfg, vocab, base, device, steps, warmup, peak)
-    lines.append(f"| plain PyTorch | {1000 * plain.seconds_per_step:.1f} | 1.00x | {_gb(plain)} |")
-    for stage in (1, 2, 3):
-        r = time_training(cfg, vocab, replace(base, name=f"zero{stage}"), device, steps, warmup, peak, zero_stage=stage)
-        lines.append(f"| DeepSpeed ZeRO-{stage} | {1000 * r.seconds_per_step:.1f} | "
-                     f"{r.seconds_per_step / plain.seconds_per_step:.2f}x | {_gb(r)} |")
-    lines.append("")
-    if device.type != "cuda":
-        return lines + ["(peak memory by sequence length is measured on CUDA only)", ""]
-    lines += ["| length | peak GB | peak GB, activation checkpointing |", "| ---: | ---: | ---: |"]
-    for length in (64, 256, 1024):
-        long_cfg = replace(cfg, data=replace(cfg.data, seq_len=length))
-        cells = [_gb(time_training(long_cfg, vocab, base, device, 2, 1, peak, checkpointing=c)) for c in (False, True)]
-        lines.append(f"| {length} | {cells[0]} | {cells[1]} |")
-    return lines + [""]
+    bench = Bench(cfg, vocab, device, steps, warmup, emit)
+    bench.header()
+    if "training" in sections:
+        bench.training(fast_batch)
+    if "quality" in sections and quality_sequences:
+        bench.quality(fast_batch, quality_sequences)
+    if "engines" in sections:
+        bench.engines(fast_batch)
+    if "memory" in sections:
+        bench.memory()
+    if "sampling" in sections:
+        bench.sampling(sample_batch)
 
 
 def _gb(row: Row) -> str:
     return "" if row.peak_memory_gb is None else f"{row.peak_memory_gb:.2f}"
+
+
+def _pct(x: Optional[float]) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"

@@ -102,8 +102,8 @@ class NoisyClassifier(PreTrainedModel):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Logits: content (B, outputs), pos (B, L, classes), syntax (B, L, L, classes) for spans (i, j)."""
-        temb = self.time_embed.embed(t, x_t.dtype)
-        h = self.encoder(inputs_embeds=self.input_proj(x_t) + temb[:, None, :]).last_hidden_state  # (B, L, H)
+        temb = self.time_embed.embed(t)  # (B, H), in the weights' dtype
+        h = self.encoder(inputs_embeds=self.input_proj(x_t.to(temb.dtype)) + temb[:, None, :]).last_hidden_state
         if self.config.task == "content":
             return self.head(h.mean(dim=1))
         if self.config.task == "pos":
@@ -260,7 +260,7 @@ def train_classifier(model, tokenizer, cfg: Config, task: str, show_progress: bo
         ids, labels = train.ids[idx].to(device), train.labels[idx].to(device)
         x_t, t = noisy(ids, g)
         loss, acc = classifier_loss(clf, x_t, t, labels)
-        return loss, {"accuracy": acc.item()}
+        return loss, {"accuracy": acc.detach()}
 
     @torch.no_grad()
     def evaluate():

@@ -98,7 +98,8 @@ def cmd_generate(args) -> None:
     model, tokenizer = load_model(resolve_model_dir(args.model), device=resolve_device(args.device))
     with tqdm(total=args.num_samples, desc="generate", disable=args.no_progress, dynamic_ncols=True) as bar:
         samples = generate(model, tokenizer, args.num_samples, steps=args.steps, sampler=args.sampler,
-                           clamp=args.clamp, seed=args.seed, batch_size=args.batch_size, progress=bar.update)
+                           clamp=args.clamp, seed=args.seed, batch_size=args.batch_size, progress=bar.update,
+                           precision=args.precision, compile=args.compile)
     atomic_write_text(Path(args.out), "".join(json.dumps({"text": s.text, "ids": s.ids}) + "\n" for s in samples))
     logging.getLogger("difflm").info("wrote %d samples to %s", len(samples), args.out)
     for s in samples[: args.show]:
@@ -111,6 +112,8 @@ def _generate_images(args) -> None:
     from .image import generate_images, grid, load_image_model, save_png
     from .train import resolve_device
 
+    if args.precision != "fp32" or args.compile:
+        raise DifflmError("--precision and --compile apply to text models")
     if args.columns is not None and args.columns < 1:
         raise DifflmError(f"--columns (the grid's width) must be positive, got {args.columns}")
     if Path(args.out).suffix.lower() != ".png":
@@ -180,7 +183,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import run
+    from .bench import SECTIONS, run
     from .config import load_config
     from .train import resolve_device
 
@@ -195,10 +198,15 @@ def cmd_bench(args) -> None:
             raise DifflmError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.quality_sequences is not None and args.quality_sequences < 0:
         raise DifflmError(f"--quality-sequences must not be negative, got {args.quality_sequences}")
+    sections = list(SECTIONS) if args.sections == "all" else [p.strip() for p in args.sections.split(",") if p.strip()]
+    unknown = [p for p in sections if p not in SECTIONS]
+    if unknown or not sections:
+        raise DifflmError(f"--sections {args.sections!r}: choose among {', '.join(SECTIONS)}")
     quality = args.quality_sequences if args.quality_sequences is not None else (128_000 if device.type == "cuda"
                                                                                  else 12_800)
-    print(run(cfg, args.vocab, device, steps=args.steps, warmup=args.warmup, fast_batch=args.batch,
-              sample_batch=args.sample_batch, quality_sequences=quality), end="")
+    run(cfg, args.vocab, device, steps=args.steps, warmup=args.warmup, fast_batch=args.batch,
+        sample_batch=args.sample_batch, quality_sequences=quality, sections=sections,
+        emit=lambda line: print(line, flush=True))
 
 
 def cmd_train_classifier(args) -> None:
@@ -347,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clamp", action="store_true", help="clamp each x0 estimate to its nearest word embeddings")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--precision", default="fp32", help="fp32, or bf16 (autocast on a CUDA GPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA graphs on a GPU)")
     g.add_argument("--show", type=int, default=0, help="also print the first N samples")
     g.add_argument("--columns", type=int, default=None, help="image models: samples per row of the PNG grid")
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
@@ -389,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quality-sequences", type=int, default=None,
                    help="train both variants on this many sequences and compare dev loss (default 128000 GPU, "
                    "12800 CPU; 0 skips)")
+    b.add_argument("--sections", default="all",
+                   help="comma-separated parts to measure: training, quality, engines, memory, sampling (default all)")
     b.add_argument("--device", default="auto")
     b.set_defaults(func=cmd_bench)
 

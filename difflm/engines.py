@@ -19,10 +19,10 @@ import torch
 
 from .config import LoopConfig, TrainConfig
 from .errors import DifflmError
+from .precision import DTYPES, PRECISIONS, autocast, check_precision
 
 log = logging.getLogger("difflm")
 ENGINES = ("torch", "deepspeed")
-PRECISIONS = ("fp32", "bf16", "fp16")
 ZERO_STAGES = (0, 1, 2, 3)
 
 
@@ -42,25 +42,31 @@ def _optimizer(model: torch.nn.Module, cfg: LoopConfig, fused: Optional[bool] = 
 
 
 class TorchEngine:
-    """Plain PyTorch: AdamW, LR warm-up then linear decay to zero at max_steps, gradient-norm clipping."""
+    """Plain PyTorch: AdamW, LR warm-up then linear decay to zero at max_steps, gradient-norm clipping, gradient
+    accumulation over `grad_accum` micro-batches, bf16 autocast."""
 
     def __init__(self, model: torch.nn.Module, cfg: LoopConfig, fused: Optional[bool] = None):
         self.model, self.cfg = model, cfg
         self.optimizer, self.scheduler = _optimizer(model, cfg, fused)
         self.bf16 = getattr(cfg, "precision", "fp32") == "bf16"
+        self.accumulation, self._micro = getattr(cfg, "grad_accum", 1), 0
 
     def autocast(self):
         """bf16 autocast around the forward when train.precision=bf16 (weights and optimizer stay fp32)."""
-        device = next(self.model.parameters()).device
-        return torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        return autocast(next(self.model.parameters()).device.type, torch.bfloat16 if self.bf16 else None)
 
-    def step(self, loss: torch.Tensor) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    def step(self, loss: torch.Tensor) -> Optional[torch.Tensor]:
+        """Backward of one micro-batch's loss; every `accumulation`-th call also clips and updates, and returns
+        the gradient norm as a 0-dim tensor (no host synchronisation: the loop reads it when it logs)."""
+        (loss / self.accumulation if self.accumulation > 1 else loss).backward()
+        self._micro += 1
+        if self._micro % self.accumulation:
+            return None
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
         self.optimizer.step()
         self.scheduler.step()
-        return float(norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     @property
     def lr(self) -> float:
@@ -107,13 +113,18 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         if cfg.zero_stage != 3:
             raise DifflmError("train.offload_params needs train.zero_stage 3")
         zero["offload_param"] = {"device": "cpu"}
+    # bf16/fp16 are torch autocast over fp32 weights, as in the torch engine, unless train.cast_weights asks for
+    # DeepSpeed's own mode (weights and gradients cast, fp32 master weights in the optimizer)
+    cast = cfg.cast_weights and cfg.precision != "fp32"
+    amp = cfg.precision != "fp32" and not cast
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size(),
         "gradient_clipping": cfg.grad_clip,
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "fp16": {"enabled": cfg.precision == "fp16"},
+        "bf16": {"enabled": cast and cfg.precision == "bf16"},
+        "fp16": {"enabled": cast and cfg.precision == "fp16"},
+        "torch_autocast": {"enabled": amp, "dtype": "float16" if cfg.precision == "fp16" else "bfloat16"},
         "zero_optimization": zero,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
@@ -176,7 +187,8 @@ def ensure_distributed_env() -> None:
 
 
 class DeepSpeedEngine:
-    """DeepSpeed's engine around the same torch AdamW and schedule (ZeRO stages 0-2, bf16/fp16, offload)."""
+    """DeepSpeed's engine around the same torch AdamW and schedule (ZeRO stages 0-3, bf16/fp16, offload,
+    gradient accumulation)."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
         import deepspeed
@@ -185,21 +197,36 @@ class DeepSpeedEngine:
         # skip the shared-memory communication op: its JIT build costs ~50 s and single-node CPU runs do not need it
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         ds_config = engine_config(cfg)
+        amp = ds_config.get("torch_autocast", {})
+        self.autocast_dtype = DTYPES[cfg.precision] if amp.get("enabled") else None
+        if self.autocast_dtype is None:  # DeepSpeed keeps "autocast is on" in a module global once any engine set it
+            deepspeed.runtime.torch_autocast.TORCH_AUTOCAST_INITIALIZED = False
         optimizer, scheduler = _optimizer(model, cfg)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        self.model, self.stage = self.engine.module, cfg.zero_stage
+        self.model, self.stage, self.accumulation = self.engine.module, cfg.zero_stage, cfg.grad_accum
+        # ZeRO-0 over fp32 weights clips through torch and keeps no norm: measure it here (one multi-tensor pass)
+        self.own_norm = self.stage == 0 and not ds_config["bf16"]["enabled"] and not ds_config["fp16"]["enabled"]
         if self.stage == 3 and hasattr(model, "external_parameters"):
             for p in model.external_parameters():  # used outside their own module's forward (tied heads)
                 deepspeed.zero.register_external_parameter(model, p)
         log.info("deepspeed: ZeRO stage %d, %s, micro-batch %d x accumulation %d x %d processes", cfg.zero_stage,
                  cfg.precision, cfg.batch_size, cfg.grad_accum, world_size())
 
-    def step(self, loss: torch.Tensor) -> float:
+    def step(self, loss: torch.Tensor):
+        """Backward of one micro-batch; DeepSpeed updates on every `accumulation`-th call, and then the gradient
+        norm is returned (a float or a 0-dim tensor; None between updates)."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
+        own = None
+        if boundary and self.own_norm:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            own = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if not boundary:
+            return None
+        norm = own if self.own_norm else self.engine.get_global_grad_norm()
+        return float("nan") if norm is None else norm
 
     @property
     def lr(self) -> float:
@@ -208,7 +235,9 @@ class DeepSpeedEngine:
     restores_weights = True  # DeepSpeed's checkpoint carries the (partitioned) module weights
 
     def autocast(self):
-        return contextlib.nullcontext()  # DeepSpeed's bf16/fp16 modes cast the module themselves
+        """torch autocast as DeepSpeed's `torch_autocast` section says (the loss module is called directly, not
+        through the DeepSpeed engine's forward); with train.cast_weights the weights are bf16/fp16 themselves."""
+        return autocast(next(self.model.parameters()).device.type, self.autocast_dtype)
 
     def gathered(self, params):
         """Full parameters inside the block (a collective under ZeRO-3: every rank must enter it)."""
@@ -233,23 +262,24 @@ def engine_config(cfg: TrainConfig):
         raise DifflmError(f"train.engine {cfg.engine!r} is not available; choose one of {', '.join(ENGINES)}")
     if cfg.precision not in PRECISIONS:
         raise DifflmError(f"train.precision {cfg.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
-    if cfg.precision == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
-        raise DifflmError("train.precision=bf16 needs a CUDA GPU with bf16 support; use fp32 here")
+    if cfg.precision == "bf16":
+        check_precision(cfg.precision, "train.precision")
+    if cfg.grad_accum < 1:
+        raise DifflmError(f"train.grad_accum must be positive, got {cfg.grad_accum}")
     if cfg.engine == "torch":
         if world_size() > 1:
             raise DifflmError("several processes need train.engine=deepspeed (the torch engine is one process)")
-        if cfg.precision == "fp16" or cfg.grad_accum != 1 or cfg.deepspeed_config or cfg.zero_stage:
-            raise DifflmError("train.precision=fp16, train.grad_accum, train.zero_stage and train.deepspeed_config "
-                              "apply to train.engine=deepspeed; the torch engine trains fp32 or bf16 without "
-                              "accumulation")
+        if cfg.precision == "fp16" or cfg.cast_weights or cfg.deepspeed_config or cfg.zero_stage:
+            raise DifflmError("train.precision=fp16, train.cast_weights, train.zero_stage and train.deepspeed_config "
+                              "apply to train.engine=deepspeed; the torch engine trains fp32 or bf16 autocast")
         return None
-    if cfg.compile:
-        raise DifflmError("train.compile applies to train.engine=torch")
-    if cfg.grad_accum < 1:
-        raise DifflmError(f"train.grad_accum must be positive, got {cfg.grad_accum}")
+    if cfg.cast_weights and cfg.precision == "fp32":
+        raise DifflmError("train.cast_weights needs train.precision=bf16 or fp16 (it casts the weights to it)")
+    if cfg.compile and cfg.zero_stage == 3:
+        raise DifflmError("train.compile does not work with ZeRO-3 (its parameter hooks break the compiled graph); "
+                          "use train.zero_stage 0, 1 or 2, or train.compile=false")
     ds_config = deepspeed_config(cfg)
-    if cfg.precision == "fp16" and not torch.cuda.is_available():
-        raise DifflmError("train.precision=fp16 needs a CUDA GPU; use fp32 here")
+    check_precision(cfg.precision, "train.precision")
     if cfg.deepspeed_config:
         ds_config = merge_user_config(ds_config, cfg.deepspeed_config)
     return ds_config

@@ -239,9 +239,10 @@ class ImageDiffusionModel(PreTrainedModel):
         pass  # PyTorch's default initialisation, with the zero-initialised output layers set above
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network's output (eps / x0 / score / v per config.prediction) for x_t (B, C, H, W) at t (B,)."""
-        temb = self.time_embed.embed(t, x_t.dtype)
-        h, hs = self.inp(x_t), []
+        """The network's output (eps / x0 / score / v per config.prediction) for x_t (B, C, H, W) at t (B,); the
+        network runs in its weights' dtype, the output has the dtype of x_t."""
+        temb = self.time_embed.embed(t)
+        h, hs = self.inp(x_t.to(temb.dtype)), []
         hs.append(h)
         for layer in self.down:
             h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
@@ -256,7 +257,7 @@ class ImageDiffusionModel(PreTrainedModel):
                 h = layer(torch.cat([h, skip], dim=1), temb)
             else:
                 h = layer(h)
-        return self.out(h)
+        return self.out(h).to(x_t.dtype)
 
 
 register_auto_classes(ImageDiffusionConfig, ImageDiffusionModel)
@@ -313,7 +314,7 @@ def dims(model: ImageDiffusionModel) -> int:
 class ImageLoss:
     loss: torch.Tensor
 
-    def parts(self) -> Dict[str, float]:
+    def parts(self) -> Dict[str, torch.Tensor]:
         return {}
 
 

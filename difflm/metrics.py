@@ -70,8 +70,8 @@ def text_bound(model, ids: torch.Tensor, continuous: bool = False, generator: Op
     t = diffusion.sample_t(ids.shape[0], ids.device, generator=generator, low_step=2, dtype=x0.dtype, stratum=stratum)
     terms = diffusion.elbo(lambda x, t: model(x, t), x0, t=t, generator=generator)
     entropy = 0.5 * x0[0].numel() * (1 + torch.log(2 * math.pi * latent.var0))
-    return TextBound(rounding=rounding_nll(x0, model.embedding.weight, ids), reconstruction=terms.reconstruction,
-                     diffusion=terms.diffusion, prior=terms.prior, entropy=entropy)
+    return TextBound(rounding=rounding_nll(x0, model.rounding_weight(x0.dtype), ids),
+                     reconstruction=terms.reconstruction, diffusion=terms.diffusion, prior=terms.prior, entropy=entropy)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedModel
 
 from .diffusion import GaussianDiffusion
+from .precision import latent_dtype
 from .rounding import rounding_logits
 from .schedules import get_schedule
 
@@ -65,8 +66,10 @@ class TimeEmbedding(nn.Sequential):
         super().__init__(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         self.hidden_size = hidden_size
 
-    def embed(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self(timestep_embedding(t, self.hidden_size).to(dtype))  # dtype: bf16 under DeepSpeed
+    def embed(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) -> (B, H) in the network's weight dtype (bf16/fp16 where DeepSpeed casts the weights)."""
+        return self(timestep_embedding(t, self.hidden_size).to(self[0].weight.dtype))
+
 
 
 class TextDiffusionModel(PreTrainedModel):
@@ -102,10 +105,15 @@ class TextDiffusionModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding(ids)  # (B, L, d)
+        """Emb(w) in the latent dtype (fp32 also when the weights are bf16): (B, L) -> (B, L, d)."""
+        return self.embedding(ids).to(latent_dtype(self.embedding.weight))
+
+    def rounding_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The tied rounding head's matrix E (V, d) in the latents' dtype."""
+        return self.embedding.weight.to(dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return rounding_logits(x, self.embedding.weight)  # (B, L, V)
+        return rounding_logits(x, self.rounding_weight(x.dtype))  # (B, L, V)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, x0_self: Optional[torch.Tensor] = None,
                 attributes: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -113,16 +121,18 @@ class TextDiffusionModel(PreTrainedModel):
 
         With `config.self_condition` (Chen et al. 2023, "Analog Bits") the network also reads `x0_self`, its own
         previous estimate of x0 (zeros when absent). A model with `config.attributes` reads `attributes`, a
-        (B, A) multi-hot vector of the wanted `field=value` pairs (None: unconditional).
+        (B, A) multi-hot vector of the wanted `field=value` pairs (None: unconditional). The network runs in its
+        weights' dtype; the output has the dtype of x_t.
         """
-        temb = self.time_embed.embed(t, x_t.dtype)  # (B, H)
+        temb = self.time_embed.embed(t)  # (B, H)
         if self.attribute_embed is not None and attributes is not None:
             temb = temb + self.attribute_embed(attributes.to(temb.dtype))
+        x = x_t
         if self.config.self_condition:
-            x_t = torch.cat([x_t, torch.zeros_like(x_t) if x0_self is None else x0_self], dim=-1)  # (B, L, 2d)
-        h = self.input_proj(x_t) + temb[:, None, :]  # (B, L, H); BERT's embeddings add positions + LayerNorm
+            x = torch.cat([x_t, torch.zeros_like(x_t) if x0_self is None else x0_self.to(x_t.dtype)], -1)  # (B, L, 2d)
+        h = self.input_proj(x.to(temb.dtype)) + temb[:, None, :]  # (B, L, H); BERT adds positions + LayerNorm
         h = self.denoiser(inputs_embeds=h).last_hidden_state  # (B, L, H)
-        return self.output_proj(h)  # (B, L, d)
+        return self.output_proj(h).to(x_t.dtype)  # (B, L, d)
 
 
 def register_auto_classes(config_class, model_class) -> None:

@@ -12,6 +12,7 @@ from .data import decode
 from .errors import DifflmError
 from .files import AtomicDir
 from .modeling import TextDiffusionConfig, TextDiffusionModel, model_type
+from .precision import DTYPES, autocast, check_precision, latent_dtype
 from .rounding import nearest_embedding, round_to_tokens, rounding_nll
 from .sampling import sample
 
@@ -26,7 +27,8 @@ class TextLoss:
     prior: torch.Tensor
 
     def parts(self) -> dict:
-        return {"denoising": self.denoising.item(), "rounding": self.rounding.item(), "prior": self.prior.item()}
+        """The parts as 0-dim tensors (read back only when logged)."""
+        return {"denoising": self.denoising, "rounding": self.rounding, "prior": self.prior}
 
 
 @dataclass
@@ -79,7 +81,7 @@ def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
     out = diffusion.denoise(_training_model_fn(model, generator, attributes), x0, t, noise)
     first_step = ((emb - out.x0_hat) ** 2).mean(dim=(1, 2))
     denoising = torch.where(t == t1, first_step, out.loss).mean()
-    rounding = rounding_nll(x0, model.embedding.weight, ids).mean() / ids.shape[1]
+    rounding = rounding_nll(x0, model.rounding_weight(x0.dtype), ids).mean() / ids.shape[1]
     prior = diffusion.prior_kl(x0).mean() / x0[0].numel()
     return TextLoss(loss=denoising + rounding + prior, denoising=denoising.detach(), rounding=rounding.detach(),
                     prior=prior.detach())
@@ -115,14 +117,16 @@ class SamplingModelFn:
     with `attributes` (B, A) and a weight w it applies classifier-free guidance (Ho & Salimans 2022),
     (1 + w) out(x | attributes) - w out(x), affine in the output so the same for every parameterization."""
 
-    def __init__(self, model: TextDiffusionModel, attributes: Optional[torch.Tensor] = None, weight: float = 0.0):
+    def __init__(self, model: TextDiffusionModel, attributes: Optional[torch.Tensor] = None, weight: float = 0.0,
+                 net: Optional[Callable] = None):
         self.model, self.previous = model, None
         self.attributes, self.weight = attributes, weight
+        self.net = net or model  # the forward to call (a compiled one, see compiled_network)
 
     def output(self, x_t, t, x0_self=None):
-        out = self.model(x_t, t, x0_self=x0_self, attributes=self.attributes)
+        out = self.net(x_t, t, x0_self=x0_self, attributes=self.attributes)
         if self.attributes is not None and self.weight:
-            out = (1 + self.weight) * out - self.weight * self.model(x_t, t, x0_self=x0_self)
+            out = (1 + self.weight) * out - self.weight * self.net(x_t, t, x0_self=x0_self)
         return out
 
     def x0(self, x_t, t):
@@ -179,37 +183,37 @@ class BatchControl:
 def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Optional[int] = None,
              sampler: str = "ddpm", clamp: bool = False, seed: int = 0, batch_size: int = 64,
              progress: Optional[Callable[[int], None]] = None, callback: Optional[Callable] = None,
-             control: Optional[Callable[[int, int, SamplingModelFn], BatchControl]] = None) -> List[Sample]:
+             control: Optional[Callable[[int, int, SamplingModelFn], BatchControl]] = None,
+             precision: str = "fp32", compile: bool = False) -> List[Sample]:
     """Fixed-length samples decoded through the rounding head (argmax), START dropped, cut at END.
 
     `sampler`: ddpm (ancestral) or ddim (eta = 0). `clamp`: replace each x0 estimate by its nearest word
     embeddings (Diffusion-LM's clamping trick). `progress(n)` is called after each batch of n samples;
     `callback(StepState)` after every sampler step (see sampling.sample). `control(start, stop, model_fn)`
-    gives the BatchControl of samples start..stop-1 (control.py).
+    gives the BatchControl of samples start..stop-1 (control.py). `precision=bf16` runs the network under bf16
+    autocast (a CUDA GPU; the sampler's arithmetic stays fp32); `compile` runs it through torch.compile (with CUDA
+    graphs on a GPU).
     """
     if num_samples < 1:
         raise DifflmError(f"--num-samples must be positive, got {num_samples}")
     if batch_size < 1:
         raise DifflmError(f"--batch-size must be positive, got {batch_size}")
-    if sampler not in ("ddpm", "ddim"):
-        raise DifflmError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+    check_precision(precision, "--precision")
+    if compile and control is not None:
+        raise DifflmError("compiled sampling is for unguided generation; drop --compile with control")
     model.eval()
-    cfg = model.config
-    weight = model.embedding.weight
-    denoise_fn = (lambda x0, t: nearest_embedding(x0, weight)) if clamp else None
-    eta = 1.0 if sampler == "ddpm" else 0.0
-    generator = torch.Generator(device=weight.device).manual_seed(seed)
+    net = compiled_network(model) if compile else model
+    device = model.embedding.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
     out: List[Sample] = []
     while len(out) < num_samples:
         b = min(batch_size, num_samples - len(out))
-        model_fn, ctl = SamplingModelFn(model), BatchControl()
+        model_fn, ctl = SamplingModelFn(model, net=net), BatchControl()
         if control is not None:
             ctl = control(len(out), len(out) + b, model_fn)
-        model_fn, guide, transform = ctl.model_fn or model_fn, ctl.guide, _chain(ctl.denoise_fn, denoise_fn)
-        x = sample(model.diffusion, model_fn, (b, cfg.seq_len, cfg.embed_dim), steps=steps, eta=eta,
-                   denoise_fn=transform, guide=guide, generator=generator, device=weight.device, dtype=weight.dtype,
-                   callback=callback)
-        ids = round_to_tokens(x, weight)
+        with autocast(device.type, DTYPES[precision]):
+            ids = sample_ids(model, ctl.model_fn or model_fn, b, steps=steps, sampler=sampler, clamp=clamp,
+                             generator=generator, guide=ctl.guide, denoise_fn=ctl.denoise_fn, callback=callback)
         if ctl.fixed is not None:
             ids = torch.where(ctl.fixed >= 0, ctl.fixed, ids)
         for row in ids.tolist():
@@ -217,6 +221,39 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
         if progress:
             progress(b)
     return out
+
+
+def sample_ids(model: TextDiffusionModel, model_fn: Callable, batch: int, steps: Optional[int] = None,
+               sampler: str = "ddpm", clamp: bool = False, generator: Optional[torch.Generator] = None,
+               guide: Optional[Callable] = None, denoise_fn: Optional[Callable] = None,
+               callback: Optional[Callable] = None) -> torch.Tensor:
+    """One batch of token ids (B, L): the sampler from x_T ~ N(0, I) in the latent dtype, then the rounding head's
+    argmax. `denoise_fn` transforms each x0 estimate before the clamping trick (when `clamp`)."""
+    if sampler not in SAMPLERS:
+        raise DifflmError(f"unknown sampler {sampler!r}; choose {' or '.join(SAMPLERS)}")
+    cfg, weight = model.config, model.embedding.weight
+    clamp_fn = (lambda x0, t: nearest_embedding(x0, weight)) if clamp else None
+    x = sample(model.diffusion, model_fn, (batch, cfg.seq_len, cfg.embed_dim), steps=steps, eta=SAMPLERS[sampler],
+               denoise_fn=_chain(denoise_fn, clamp_fn), guide=guide, generator=generator, device=weight.device,
+               dtype=latent_dtype(weight), callback=callback)
+    return round_to_tokens(x, model.rounding_weight(x.dtype))
+
+
+SAMPLERS = {"ddpm": 1.0, "ddim": 0.0}  # the sampler's eta: ancestral, deterministic DDIM
+
+
+def compiled_network(model: torch.nn.Module) -> Callable:
+    """The model's forward through torch.compile; on CUDA with CUDA graphs (mode reduce-overhead), which replay the
+    whole network as one launch. A replay reuses its output buffers, so each output is cloned before it is kept."""
+    cuda = next(model.parameters()).is_cuda
+    fn = torch.compile(model, mode="reduce-overhead" if cuda else None)
+
+    def net(*args, **kwargs):
+        if cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        return fn(*args, **kwargs).clone()
+
+    return net
 
 
 def _chain(first: Optional[Callable], then: Optional[Callable]) -> Optional[Callable]:

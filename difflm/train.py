@@ -52,8 +52,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.to(e.dtype), 1 - d)  # the average stays fp32 when training casts the model to bf16/fp16
+        ema = list(self.model.parameters())
+        # one multi-tensor kernel, not one per parameter; the average stays fp32 when the weights are bf16/fp16
+        torch._foreach_lerp_(ema, [p.to(e.dtype) for e, p in zip(ema, model.parameters())], 1 - d)
 
 
 def prepare_data(cfg: Config, tokenizer=None, texts: Optional[TextSplits] = None):
@@ -264,10 +265,7 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False) -> Trai
     g = torch.Generator(device=device).manual_seed(t.seed + rank())
     data = BatchStream(train_ids, t.batch_size, t.seed + rank())
 
-    def next_loss():
-        with engine.autocast():
-            losses = objective(next(data), generator=g)
-        return losses.loss, losses.parts()
+    next_loss = loss_stream(objective, engine, data, g)
 
     def evaluate():
         return {"dev_loss": dev_loss(objective, dev_ids, t.batch_size, t.eval_batches),
@@ -278,19 +276,36 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False) -> Trai
             weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if main else None
         save_checkpoint(out, weights, ema, engine, tokenizer, step, cfg, data, g)
 
-    def update_ema(step):
-        with engine.gathered(model.parameters()):
-            ema.update(model, step)
-
     metrics_path = out / "metrics.jsonl" if main else Path(os.devnull)
     start = restore(state, cfg, model, ema, engine, data, g, metrics_path) if state else 0
     result = run_loop(engine, next_loss, evaluate, save, t, metrics_path, show_progress=show_progress and main,
-                      after_step=update_ema, start_step=start)
+                      after_step=ema_updater(engine, ema, model), start_step=start)
     last_dev = result.last_eval.get("dev_loss_ema", float("nan"))
     log.info("trained %d steps in %.1f min; dev loss (EMA) %.4f; model saved to %s",
              result.steps, result.minutes, last_dev, out / "model")
     return TrainResult(model_dir=out / "model", steps=result.steps, stopped_by_time=result.stopped_by_time,
                        dev_loss=last_dev)
+
+
+def loss_stream(objective: torch.nn.Module, engine, batches, generator: torch.Generator) -> Callable:
+    """`next_loss` for run_loop: the loss module on the next batch, under the engine's autocast."""
+
+    def next_loss():
+        with engine.autocast():
+            losses = objective(next(batches), generator=generator)
+        return losses.loss, losses.parts()
+
+    return next_loss
+
+
+def ema_updater(engine, ema: EMA, model: torch.nn.Module) -> Callable[[int], None]:
+    """`after_step` for run_loop: the EMA update, from gathered weights under ZeRO-3 (every rank takes part)."""
+
+    def update(step: int) -> None:
+        with engine.gathered(model.parameters()):
+            ema.update(model, step)
+
+    return update
 
 
 @dataclass
@@ -307,38 +322,48 @@ def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Ca
     """The loop shared by every trainer: step, log a JSON line every `log_every`, evaluate every `eval_every`,
     save every `save_every`, and stop at `max_steps` or (saying so) after `max_minutes` of wall time.
 
-    `next_loss() -> (loss, {name: float})` draws a batch and computes its loss. A resumed run starts at
-    `start_step` and appends to the metrics file."""
+    A step is one optimizer update over `engine.accumulation` micro-batches. `next_loss() -> (loss, {name: value})`
+    draws a micro-batch and computes its loss; values may be tensors. Nothing is read back from the device
+    between log, evaluation and save steps, so a GPU never waits for the host (a non-finite loss is noted on the
+    device and reported at the next of those steps). A resumed run starts at `start_step` and appends to the
+    metrics file."""
     start, step, stopped_by_time, last_eval = time.time(), start_step, False, {}
+    accumulation = getattr(engine, "accumulation", 1)
+    health = LossHealth()
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc=desc, disable=not show_progress, dynamic_ncols=True)
     with open(metrics_path, "a" if start_step else "w") as metrics:
         while step < cfg.max_steps:
-            loss, parts = next_loss()
-            if not torch.isfinite(loss):
-                raise DifflmError(f"loss became {loss.item()} at step {step}; lower the learning rate")
-            grad_norm = engine.step(loss)
+            losses, parts = [], []
+            for _ in range(accumulation):
+                loss, named = next_loss()
+                health.watch(loss, step + 1)
+                grad_norm = engine.step(loss)
+                losses.append(loss.detach())
+                parts.append(named)
             if after_step:
                 after_step(step)
             step += 1
             bar.update(1)
             record = {}
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                record = {"step": step, "loss": loss.item(), **parts, "grad_norm": grad_norm, "lr": engine.lr}
+                health.check()
+                record = {"step": step, "loss": _mean(losses), **{k: _mean([p[k] for p in parts]) for k in parts[0]},
+                          "grad_norm": float(grad_norm), "lr": engine.lr}
                 bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
             elapsed = (time.time() - start) / 60
-            # the same on every rank (config and step are), so only the clock needs agreeing on
-            stopped_by_time = (bool(cfg.max_minutes) and step < cfg.max_steps
-                               and _all_ranks_agree(elapsed >= cfg.max_minutes))
+            stopped_by_time = bool(cfg.max_minutes) and step < cfg.max_steps and _time_is_up(elapsed, cfg, step)
             if step % cfg.eval_every == 0 or step == cfg.max_steps or stopped_by_time:
+                health.check()
                 last_eval = evaluate()
                 record = {"step": step, **record, **last_eval}
-                bar.set_postfix(loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in last_eval.items()},
+                bar.set_postfix(loss=f"{_mean(losses):.4f}", **{k: f"{v:.4f}" for k, v in last_eval.items()},
                                 refresh=False)
             if record:
                 record["elapsed_s"] = round(time.time() - start, 2)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             if step % cfg.save_every == 0 or step == cfg.max_steps or stopped_by_time:
+                health.check()  # never save weights that a non-finite loss has touched
                 save(step)
             if stopped_by_time:
                 log.warning("stopping at step %d of %d: max_minutes=%g reached", step, cfg.max_steps, cfg.max_minutes)
@@ -346,6 +371,37 @@ def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Ca
     bar.close()
     return LoopResult(steps=step, stopped_by_time=stopped_by_time, minutes=(time.time() - start) / 60,
                       last_eval=last_eval)
+
+
+def _mean(values) -> float:
+    return sum(float(v) for v in values) / len(values)
+
+
+class LossHealth:
+    """The first step with a non-finite loss, kept on the loss's device (watching costs no host synchronisation);
+    `check` reads it back and raises."""
+
+    def __init__(self):
+        self.first_bad: Optional[torch.Tensor] = None
+
+    def watch(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        if self.first_bad is None:
+            self.first_bad = torch.zeros((), dtype=torch.long, device=loss.device)
+        self.first_bad = torch.where(bad & (self.first_bad == 0), step, self.first_bad)
+
+    def check(self) -> None:
+        if self.first_bad is not None and int(self.first_bad):
+            raise DifflmError(f"the loss became NaN or infinite at step {int(self.first_bad)}; lower the learning "
+                              f"rate")
+
+
+def _time_is_up(elapsed_min: float, cfg: LoopConfig, step: int) -> bool:
+    """Whether to stop for the time limit. One process reads its clock every step; under a launcher the ranks
+    agree (a collective that waits for the device) every `log_every` steps, at the same steps on every rank."""
+    if world_size() == 1:
+        return elapsed_min >= cfg.max_minutes
+    return step % cfg.log_every == 0 and _all_ranks_agree(elapsed_min >= cfg.max_minutes)
 
 
 CHECKPOINT_FORMAT = 2

@@ -113,8 +113,12 @@ def test_contradicting_json_and_torch_engine_options_fail_cleanly(tmp_path, caps
                                f"train.deepspeed_config={bad}"], "gradient_clipping=5.0 (training config: 1.0)")
     assert_user_error(capsys, ["train", "--config", TINY, f"train.out_dir={tmp_path / 'o'}", "train.precision=fp16"],
                       "apply to train.engine=deepspeed")
+    assert_user_error(capsys, ["train", "--config", TINY, f"train.out_dir={tmp_path / 'o'}", "train.cast_weights=true"],
+                      "apply to train.engine=deepspeed")
     assert_user_error(capsys, ["train", "--config", TINY, f"train.out_dir={tmp_path / 'o'}", "train.engine=deepspeed",
-                               "train.compile=true"], "train.compile applies to train.engine=torch")
+                               "train.zero_stage=3", "train.compile=true"], "train.compile does not work with ZeRO-3")
+    assert_user_error(capsys, ["train", "--config", TINY, f"train.out_dir={tmp_path / 'o'}", "train.engine=deepspeed",
+                               "train.cast_weights=true"], "train.cast_weights needs train.precision=bf16 or fp16")
 
 
 @pytest.mark.parametrize("stage", [0, 3])

@@ -129,6 +129,33 @@ def test_generate_is_seeded_batched_and_fixed_length(tokenizer):
         generate(model, tokenizer, 0)
 
 
+def test_compiled_sampling_draws_the_same_samples(tokenizer):
+    """torch.compile (CUDA graphs on a GPU) changes how the network runs, not what it computes; self-conditioning
+    feeds each output back in, which a CUDA-graph replay would overwrite without the clone."""
+    torch.manual_seed(0)
+    model = small_model(tokenizer, **{"model.self_condition": "true"})
+    eager = generate(model, tokenizer, 3, steps=6, sampler="ddim", seed=1, batch_size=2)
+    compiled = generate(model, tokenizer, 3, steps=6, sampler="ddim", seed=1, batch_size=2, compile=True)
+    assert [s.ids for s in compiled] == [s.ids for s in eager]
+
+
+def test_bf16_sampling_keeps_the_sampler_in_fp32(tokenizer, monkeypatch):
+    from difflm import precision
+    from difflm.sampling import StepState
+
+    with pytest.raises(DifflmError, match="--precision=bf16 needs a CUDA GPU"):
+        generate(small_model(tokenizer), tokenizer, 1, steps=2, precision="bf16")
+    monkeypatch.setattr(precision, "bf16_supported", lambda: True)
+    seen = []
+
+    def watch(state: StepState):
+        seen.append((state.x_t.dtype, state.x0_hat.dtype, state.x_s.dtype))
+
+    samples = generate(small_model(tokenizer), tokenizer, 3, steps=4, precision="bf16", callback=watch)
+    assert len(samples) == 3 and all(len(s.ids) == 16 for s in samples)
+    assert set(seen) == {(torch.float32,) * 3}
+
+
 def test_self_conditioning_reads_the_previous_estimate(tokenizer, tmp_path):
     torch.manual_seed(0)
     model = small_model(tokenizer, **{"model.self_condition": "true"}).eval()
