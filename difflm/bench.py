@@ -6,7 +6,8 @@ Sections (all by default, `--sections` picks some):
   attention, fused AdamW, torch.compile, a larger batch. Each step is `difflm train`'s own loop step (loss,
   backward, clipping, AdamW, schedule, EMA), timed after warm-up; MFU is against the measured bf16 matmul peak.
 - quality: dev loss against training sequences seen for both, on the embedded grammar corpus, the larger batch
-  with its learning rate scaled by sqrt(batch ratio): whether the larger batch costs quality per sequence seen.
+  with its learning rate scaled by the batch ratio (linear scaling; --lr-scale sets another factor) and the
+  warm-up over as many sequences: whether the larger batch costs quality per sequence seen.
 - engines: plain PyTorch against DeepSpeed ZeRO 0-3 at identical settings (bf16 autocast over fp32 weights on
   a GPU), DeepSpeed's own bf16 mode (train.cast_weights), and ZeRO-2 with torch.compile (GPU).
 - memory (GPU): peak memory at sequence lengths 64, 256 and 1024, with and without activation checkpointing.
@@ -19,7 +20,6 @@ goes on. On a CPU the same command runs on the config's (small) model; there onl
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import traceback
@@ -34,7 +34,6 @@ from torch.overrides import TorchFunctionMode
 from .config import Config
 from .engines import DeepSpeedEngine, TorchEngine
 from .modeling import TextDiffusionConfig, TextDiffusionModel
-from .precision import autocast
 from .text import SamplingModelFn, TextObjective, compiled_network, sample_ids
 from .train import EMA, BatchStream, dev_loss, ema_updater, loss_stream, model_config, run_loop
 
@@ -140,7 +139,10 @@ class Trainer:
         self.model = TextDiffusionModel(self.mcfg).to(device).train()
         if v.checkpointing:
             self.model.denoiser.gradient_checkpointing_enable()
-        self.cfg = replace(cfg.train, batch_size=v.batch, lr=cfg.train.lr * v.lr_scale, engine=v.engine,
+        # the warm-up spans as many sequences as the config's does at its own batch size
+        warmup = round(cfg.train.warmup_steps * cfg.train.batch_size / v.batch)
+        self.cfg = replace(cfg.train, batch_size=v.batch, lr=cfg.train.lr * v.lr_scale, warmup_steps=warmup,
+                           engine=v.engine,
                            zero_stage=v.zero_stage, cast_weights=v.cast_weights, compile=v.compile, grad_accum=1,
                            precision="bf16" if v.bf16 else "fp32", deepspeed_config="", max_minutes=0.0,
                            max_steps=max_steps or cfg.train.max_steps)
@@ -186,8 +188,9 @@ class Bench:
     prints its error instead."""
 
     def __init__(self, cfg: Config, vocab: int, device: torch.device, steps: int, warmup: int,
-                 emit: Callable[[str], None] = print):
+                 emit: Callable[[str], None] = print, lr_scale: Optional[float] = None):
         self.cfg, self.vocab, self.device, self.steps, self.warmup, self.emit = cfg, vocab, device, steps, warmup, emit
+        self.lr_scale = lr_scale  # the larger batch's learning rate over the config's (None: the batch ratio)
         self.cuda = device.type == "cuda"
         self.peak = matmul_peak(device, bf16=self.cuda)
         self.rows: Dict[Variant, Optional[Row]] = {}
@@ -214,8 +217,8 @@ class Bench:
     def variants(self, fast_batch: int) -> List[Variant]:
         c = self.cuda
         recipe = Variant("recipe", RECIPE_BATCH, bf16=False, attention="eager", compile=False, fused=False)
-        return [recipe, Variant("difflm", fast_batch, bf16=c, attention="sdpa", compile=c, fused=c,
-                                lr_scale=math.sqrt(fast_batch / RECIPE_BATCH))]
+        scale = self.lr_scale or fast_batch / RECIPE_BATCH
+        return [recipe, Variant("difflm", fast_batch, bf16=c, attention="sdpa", compile=c, fused=c, lr_scale=scale)]
 
     def header(self) -> None:
         where = (torch.cuda.get_device_name(self.device) if self.cuda
@@ -308,7 +311,9 @@ class Bench:
         self.emit("| ---: |" + " ---: |" * len(variants))
         for k, mark in enumerate(marks):
             self.emit(f"| {mark:,} | " + " | ".join(f"{c[k]:.4f}" for c in curves) + " |")
-        self.emit("\n(embedded grammar corpus; the larger batch's learning rate is scaled by sqrt(batch ratio))\n")
+        self.emit("\n(embedded grammar corpus; warm-up over the same number of sequences for both; the larger "
+                  "batch's learning rate scaled by " + (f"{self.lr_scale:g}" if self.lr_scale else "the batch ratio")
+                  + ")\n")
 
     @torch.no_grad()
     def sampling(self, sample_batch: int) -> None:
@@ -344,8 +349,8 @@ class Bench:
         net = compiled_network(model) if compiled else model
 
         def draw(k):
-            with autocast(self.device.type, torch.bfloat16 if bf16 else None):
-                sample_ids(model, SamplingModelFn(model, net=net), batch, steps=k, sampler=sampler).tolist()
+            sample_ids(model, SamplingModelFn(model, net=net), batch, steps=k, sampler=sampler,
+                       network_dtype=torch.bfloat16 if bf16 else None).tolist()
 
         draw(3 if compiled else 2)
         _sync(self.device)
@@ -358,12 +363,12 @@ class Bench:
 
 def run(cfg: Config, vocab: int, device: torch.device, steps: int = 20, warmup: int = 5,
         fast_batch: Optional[int] = None, sample_batch: Optional[int] = None, quality_sequences: int = 0,
-        sections=SECTIONS, emit: Callable[[str], None] = print) -> None:
+        sections=SECTIONS, emit: Callable[[str], None] = print, lr_scale: Optional[float] = None) -> None:
     """Measure the chosen sections, emitting markdown tables as they finish."""
     cuda = device.type == "cuda"
     fast_batch = fast_batch or (512 if cuda else 256)
     sample_batch = sample_batch or (512 if cuda else 256)
-    bench = Bench(cfg, vocab, device, steps, warmup, emit)
+    bench = Bench(cfg, vocab, device, steps, warmup, emit, lr_scale)
     bench.header()
     if "training" in sections:
         bench.training(fast_batch)

@@ -196,6 +196,8 @@ def cmd_bench(args) -> None:
     for name in ("steps", "warmup", "vocab"):
         if getattr(args, name) < 1:
             raise DifflmError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.lr_scale is not None and args.lr_scale <= 0:
+        raise DifflmError(f"--lr-scale must be positive, got {args.lr_scale}")
     if args.quality_sequences is not None and args.quality_sequences < 0:
         raise DifflmError(f"--quality-sequences must not be negative, got {args.quality_sequences}")
     sections = list(SECTIONS) if args.sections == "all" else [p.strip() for p in args.sections.split(",") if p.strip()]
@@ -206,7 +208,7 @@ def cmd_bench(args) -> None:
                                                                                  else 12_800)
     run(cfg, args.vocab, device, steps=args.steps, warmup=args.warmup, fast_batch=args.batch,
         sample_batch=args.sample_batch, quality_sequences=quality, sections=sections,
-        emit=lambda line: print(line, flush=True))
+        emit=lambda line: print(line, flush=True), lr_scale=args.lr_scale)
 
 
 def cmd_train_classifier(args) -> None:
@@ -401,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "12800 CPU; 0 skips)")
     b.add_argument("--sections", default="all",
                    help="comma-separated parts to measure: training, quality, engines, memory, sampling (default all)")
+    b.add_argument("--lr-scale", type=float, default=None,
+                   help="quality: the larger batch's learning rate over the config's (default: the batch ratio)")
     b.add_argument("--device", default="auto")
     b.set_defaults(func=cmd_bench)
 

@@ -203,17 +203,16 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
         raise DifflmError("compiled sampling is for unguided generation; drop --compile with control")
     model.eval()
     net = compiled_network(model) if compile else model
-    device = model.embedding.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=model.embedding.weight.device).manual_seed(seed)
     out: List[Sample] = []
     while len(out) < num_samples:
         b = min(batch_size, num_samples - len(out))
         model_fn, ctl = SamplingModelFn(model, net=net), BatchControl()
         if control is not None:
             ctl = control(len(out), len(out) + b, model_fn)
-        with autocast(device.type, DTYPES[precision]):
-            ids = sample_ids(model, ctl.model_fn or model_fn, b, steps=steps, sampler=sampler, clamp=clamp,
-                             generator=generator, guide=ctl.guide, denoise_fn=ctl.denoise_fn, callback=callback)
+        ids = sample_ids(model, ctl.model_fn or model_fn, b, steps=steps, sampler=sampler, clamp=clamp,
+                         generator=generator, guide=ctl.guide, denoise_fn=ctl.denoise_fn, callback=callback,
+                         network_dtype=DTYPES[precision])
         if ctl.fixed is not None:
             ids = torch.where(ctl.fixed >= 0, ctl.fixed, ids)
         for row in ids.tolist():
@@ -226,16 +225,22 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
 def sample_ids(model: TextDiffusionModel, model_fn: Callable, batch: int, steps: Optional[int] = None,
                sampler: str = "ddpm", clamp: bool = False, generator: Optional[torch.Generator] = None,
                guide: Optional[Callable] = None, denoise_fn: Optional[Callable] = None,
-               callback: Optional[Callable] = None) -> torch.Tensor:
+               callback: Optional[Callable] = None, network_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """One batch of token ids (B, L): the sampler from x_T ~ N(0, I) in the latent dtype, then the rounding head's
-    argmax. `denoise_fn` transforms each x0 estimate before the clamping trick (when `clamp`)."""
+    argmax (in the latent dtype too). `denoise_fn` transforms each x0 estimate before the clamping trick (when
+    `clamp`); `network_dtype` (bf16) autocasts the sampler's steps, whose own arithmetic stays in fp32."""
     if sampler not in SAMPLERS:
         raise DifflmError(f"unknown sampler {sampler!r}; choose {' or '.join(SAMPLERS)}")
     cfg, weight = model.config, model.embedding.weight
-    clamp_fn = (lambda x0, t: nearest_embedding(x0, weight)) if clamp else None
-    x = sample(model.diffusion, model_fn, (batch, cfg.seq_len, cfg.embed_dim), steps=steps, eta=SAMPLERS[sampler],
-               denoise_fn=_chain(denoise_fn, clamp_fn), guide=guide, generator=generator, device=weight.device,
-               dtype=latent_dtype(weight), callback=callback)
+
+    def clamp_fn(x0, t):  # outside autocast: the nearest-embedding search is part of the sampler's arithmetic
+        with torch.autocast(weight.device.type, enabled=False):
+            return nearest_embedding(x0, model.rounding_weight(x0.dtype))
+
+    with autocast(weight.device.type, network_dtype):
+        x = sample(model.diffusion, model_fn, (batch, cfg.seq_len, cfg.embed_dim), steps=steps,
+                   eta=SAMPLERS[sampler], denoise_fn=_chain(denoise_fn, clamp_fn if clamp else None), guide=guide,
+                   generator=generator, device=weight.device, dtype=latent_dtype(weight), callback=callback)
     return round_to_tokens(x, model.rounding_weight(x.dtype))
 
 

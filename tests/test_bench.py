@@ -16,8 +16,8 @@ def test_bench_prints_every_table(capsys):
     assert "training throughput ratio difflm / recipe:" in out
     for engine in ("plain PyTorch", "DeepSpeed ZeRO-0", "DeepSpeed ZeRO-1", "DeepSpeed ZeRO-2", "DeepSpeed ZeRO-3"):
         assert f"| {engine} |" in out
-    assert "| sequences seen | dev loss, recipe (batch 64, lr 0.001) | dev loss, difflm (batch 32, lr 0.00071) |" in out
-    assert "| 256 |" in out
+    assert "| sequences seen | dev loss, recipe (batch 64, lr 0.001) | dev loss, difflm (batch 32, lr 0.0005) |" in out
+    assert "| 256 |" in out and "warm-up over the same number of sequences" in out
     assert "| recipe (fp32, ancestral) | 50 | 2000 |" in out and "| difflm (DDIM) | 16 | 200 |" in out
     assert "| difflm (DDIM) | 16 | 50 |" in out and "failed" not in out
     # difflm's own loop reads nothing back per step; DeepSpeed's ZeRO-1/2 optimizer checks the gradient norm
@@ -31,6 +31,7 @@ def test_bench_sections_and_bad_input(capsys):
     assert_user_error(capsys, ["bench", "--steps", "0"], "--steps must be positive")
     assert_user_error(capsys, ["bench", "--quality-sequences", "-1"], "must not be negative")
     assert_user_error(capsys, ["bench", "--sections", "training,speed"], "choose among training, quality")
+    assert_user_error(capsys, ["bench", "--lr-scale", "0"], "--lr-scale must be positive")
 
 
 def test_host_syncs_are_counted():
