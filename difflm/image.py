@@ -18,7 +18,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -310,8 +310,9 @@ def dims(model: ImageDiffusionModel) -> int:
     return c.channels * c.image_size * c.image_size
 
 
-@dataclass
-class ImageLoss:
+class ImageLoss(NamedTuple):
+    """The image objective's loss (a named tuple, like text.TextLoss, for ZeRO-3's output hooks)."""
+
     loss: torch.Tensor
 
     def parts(self) -> Dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 
@@ -17,9 +17,9 @@ from .rounding import nearest_embedding, round_to_tokens, rounding_nll
 from .sampling import sample
 
 
-@dataclass
-class TextLoss:
-    """Batch means of Diffusion-LM's end-to-end loss and its parts (per token position)."""
+class TextLoss(NamedTuple):
+    """Batch means of Diffusion-LM's end-to-end loss and its parts (per token position). A named tuple, so that
+    DeepSpeed's ZeRO-3 finds the tensors in a module's output and hooks their backward."""
 
     loss: torch.Tensor  # scalar, differentiable
     denoising: torch.Tensor
