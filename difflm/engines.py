@@ -105,10 +105,13 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         raise DifflmError(f"train.zero_stage {cfg.zero_stage} is not supported; choose one of "
                           f"{', '.join(map(str, ZERO_STAGES))}")
     zero = {"stage": cfg.zero_stage}
+    offload = {}
     if cfg.offload_optimizer:
         if cfg.zero_stage == 0:
-            raise DifflmError("train.offload_optimizer needs train.zero_stage 1 or 2")
+            raise DifflmError("train.offload_optimizer needs train.zero_stage 1, 2 or 3")
         zero["offload_optimizer"] = {"device": "cpu"}
+        # torch's AdamW then steps on the CPU copy; DeepSpeed would insist on its JIT-compiled CPU Adam
+        offload = {"zero_force_ds_cpu_optimizer": False}
     if cfg.offload_params:
         if cfg.zero_stage != 3:
             raise DifflmError("train.offload_params needs train.zero_stage 3")
@@ -128,6 +131,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "zero_optimization": zero,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
+        **offload,
     }
 
 
