@@ -97,7 +97,7 @@ class LoopConfig:
 class TrainConfig(LoopConfig):
     engine: str = "torch"  # torch (plain PyTorch, the CPU default) or deepspeed
     precision: str = "fp32"  # fp32, bf16 (torch autocast over fp32 weights) or fp16 (deepspeed engine)
-    cast_weights: bool = False  # deepspeed, bf16/fp16: DeepSpeed's own mode (weights cast, fp32 master copies)
+    cast_weights: bool = False  # deepspeed, bf16: DeepSpeed's own mode (weights cast, fp32 master copies); fp16 always
     compile: bool = False  # torch.compile the denoiser (ZeRO-3 excepted)
     grad_accum: int = 1  # micro-batches per optimizer step (one step = batch_size x grad_accum x processes)
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1, 2 or 3

@@ -116,9 +116,11 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         if cfg.zero_stage != 3:
             raise DifflmError("train.offload_params needs train.zero_stage 3")
         zero["offload_param"] = {"device": "cpu"}
-    # bf16/fp16 are torch autocast over fp32 weights, as in the torch engine, unless train.cast_weights asks for
-    # DeepSpeed's own mode (weights and gradients cast, fp32 master weights in the optimizer)
-    cast = cfg.cast_weights and cfg.precision != "fp32"
+    # bf16 is torch autocast over fp32 weights, as in the torch engine, unless train.cast_weights asks for
+    # DeepSpeed's own mode (weights and gradients cast, fp32 master weights in the optimizer). fp16 always takes
+    # DeepSpeed's own mode: under its torch-autocast fp16, ZeRO-1/2 clip the gradients while the GradScaler's
+    # factor is still in them (norm x 65536), seen on CPU
+    cast = cfg.precision == "fp16" or (cfg.cast_weights and cfg.precision == "bf16")
     amp = cfg.precision != "fp32" and not cast
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,

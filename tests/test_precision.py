@@ -163,3 +163,17 @@ def test_compiled_denoiser_under_zero2_matches_the_eager_torch_engine(tmp_path):
     run(tmp_path / "eager")
     run(tmp_path / "compiled", "train.engine=deepspeed", "train.zero_stage=2", "train.compile=true")
     assert logged(tmp_path / "compiled") == pytest.approx(logged(tmp_path / "eager"), rel=1e-4)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_fp16_uses_deepspeeds_loss_scaling_and_clips_the_true_gradient(tmp_path, monkeypatch, stage):
+    """fp16 runs in DeepSpeed's own fp16 mode: the gradient norm it clips and logs is the unscaled one (as in
+    fp32), not x65536 as under its torch-autocast fp16 with ZeRO-1/2."""
+    from difflm import engines
+
+    monkeypatch.setattr(engines, "check_precision", lambda name, option: None)  # fp16 needs CUDA otherwise
+    run(tmp_path / "fp16", "train.engine=deepspeed", "train.precision=fp16", f"train.zero_stage={stage}")
+    run(tmp_path / "fp32", "train.engine=deepspeed", f"train.zero_stage={stage}")
+    fp16, fp32 = logged(tmp_path / "fp16", "grad_norm"), logged(tmp_path / "fp32", "grad_norm")
+    assert fp16[0] == pytest.approx(fp32[0], rel=0.05)
+    assert logged(tmp_path / "fp16") == pytest.approx(logged(tmp_path / "fp32"), rel=0.02)
