@@ -1,8 +1,10 @@
 """Optimizer engines behind the training loop: plain PyTorch, and DeepSpeed (the only importer of deepspeed).
 
-An engine owns the optimizer and LR schedule; `step(loss)` does backward, clipping, the update and the schedule,
-and returns the gradient norm. The DeepSpeed config is generated from the training config; a user's DeepSpeed
-JSON may add to it, but may not contradict it.
+An engine owns the optimizer and LR schedule; `step(loss)` takes one micro-batch's loss through backward, and on
+every `accumulation`-th call also clips, updates and steps the schedule, returning the gradient norm (a tensor or
+a float; None between updates), all without reading a value back to the host. `autocast()` is the precision of
+the forward. The DeepSpeed config is generated from the training config; a user's DeepSpeed JSON may add to it,
+but may not contradict it.
 """
 
 from __future__ import annotations
