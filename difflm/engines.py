@@ -2,9 +2,9 @@
 
 An engine owns the optimizer and LR schedule; `step(loss)` takes one micro-batch's loss through backward, and on
 every `accumulation`-th call also clips, updates and steps the schedule, returning the gradient norm (a tensor or
-a float; None between updates), all without reading a value back to the host. `autocast()` is the precision of
-the forward. The DeepSpeed config is generated from the training config; a user's DeepSpeed JSON may add to it,
-but may not contradict it.
+a float; None between updates), reading no value back to the host (DeepSpeed's ZeRO-1/2 optimizer itself does,
+for its overflow check). `autocast()` is the precision of the forward. The DeepSpeed config is generated from the
+training config; a user's DeepSpeed JSON may add to it, but may not contradict it.
 """
 
 from __future__ import annotations
