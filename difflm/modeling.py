@@ -71,7 +71,6 @@ class TimeEmbedding(nn.Sequential):
         return self(timestep_embedding(t, self.hidden_size).to(self[0].weight.dtype))
 
 
-
 class TextDiffusionModel(PreTrainedModel):
     config_class = TextDiffusionConfig
     base_model_prefix = "difflm"
