@@ -142,10 +142,9 @@ class Trainer:
         # the warm-up spans as many sequences as the config's does at its own batch size
         warmup = round(cfg.train.warmup_steps * cfg.train.batch_size / v.batch)
         self.cfg = replace(cfg.train, batch_size=v.batch, lr=cfg.train.lr * v.lr_scale, warmup_steps=warmup,
-                           engine=v.engine,
-                           zero_stage=v.zero_stage, cast_weights=v.cast_weights, compile=v.compile, grad_accum=1,
-                           precision="bf16" if v.bf16 else "fp32", deepspeed_config="", max_minutes=0.0,
-                           max_steps=max_steps or cfg.train.max_steps)
+                           engine=v.engine, zero_stage=v.zero_stage, cast_weights=v.cast_weights, compile=v.compile,
+                           grad_accum=1, precision="bf16" if v.bf16 else "fp32", deepspeed_config="",
+                           max_minutes=0.0, max_steps=max_steps or cfg.train.max_steps)
         ema = EMA(self.model, self.cfg.ema_decay)
         objective = TextObjective(torch.compile(self.model) if v.compile else self.model)
         self.engine = (TorchEngine(objective, self.cfg, fused=v.fused and device.type == "cuda") if v.engine == "torch"
@@ -204,8 +203,7 @@ class Bench:
             row = time_training(cfg or self.cfg, self.vocab, v, self.device, steps or self.steps,
                                 min(self.warmup, steps or self.warmup), self.peak)
         except Exception as e:  # one failed configuration must not cost the rest of a GPU session's measurements
-            oom = isinstance(e, torch.cuda.OutOfMemoryError)
-            self.emit(f"({v.name}: {'out of memory' if oom else f'failed: {type(e).__name__}: {str(e)[:300]}'})")
+            self.emit(f"({v.name}: {_failure(e)})")
             row = None
         finally:
             if self.cuda:
@@ -258,12 +256,9 @@ class Bench:
         self.emit(f"| engine (batch {base.batch}, {'bf16' if base.bf16 else 'fp32'}) | ms/step | ratio to plain | "
                   f"peak GB | host syncs/step |")
         self.emit("| --- | ---: | ---: | ---: | ---: |")
-        plain = {False: self.row(base)}
         for v in rows:
             r = self.row(v)
-            if v.compile and r is not None and v.engine == "torch":
-                plain[True] = r
-            ref = plain.get(v.compile)
+            ref = self.row(replace(base, compile=v.compile))  # measured earlier in this list: read from the cache
             if r is not None:
                 ratio = f"{r.seconds_per_step / ref.seconds_per_step:.2f}x" if ref else ""
                 self.emit(f"| {v.name} | {1000 * r.seconds_per_step:.1f} | {ratio} | {_gb(r)} | {r.host_syncs:g} |")
@@ -333,7 +328,7 @@ class Bench:
             try:
                 per_step, syncs = self.time_sampler(cfg, batch, bf16, attention, compiled, sampler, timed)
             except Exception as e:
-                self.emit(f"({name}, {steps} steps: failed: {type(e).__name__}: {str(e)[:300]})")
+                self.emit(f"({name}, {steps} steps: {_failure(e)})")
                 continue
             rate = batch / (steps * per_step)
             recipe_rate = recipe_rate or rate
@@ -380,6 +375,13 @@ def run(cfg: Config, vocab: int, device: torch.device, steps: int = 20, warmup: 
         bench.memory()
     if "sampling" in sections:
         bench.sampling(sample_batch)
+
+
+def _failure(e: Exception) -> str:
+    """What a failed measurement prints in place of its row."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return "out of memory"
+    return f"failed: {type(e).__name__}: {str(e)[:300]}"
 
 
 def _gb(row: Row) -> str:
