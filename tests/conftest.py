@@ -12,6 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def metric_values(out, key="loss"):
+    """The values of `key` in a training run's metrics.jsonl, in logged order."""
+    import json
+
+    return [r[key] for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
 def subprocess_env(**extra):
     """This environment without the distributed variables that an in-process DeepSpeed run set (a child would
     otherwise try to join that process group's port)."""

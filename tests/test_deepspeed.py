@@ -10,15 +10,11 @@ from difflm.engines import deepspeed_config, merge_user_config
 from difflm.errors import DifflmError
 from difflm.train import train
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, metric_values, subprocess_env
 from test_cli import assert_user_error
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 STEPS = ["train.max_steps=12", "train.eval_every=6", "train.log_every=1"]
-
-
-def losses(out):
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def test_zero0_matches_plain_pytorch_step_for_step(tmp_path):
@@ -26,7 +22,7 @@ def test_zero0_matches_plain_pytorch_step_for_step(tmp_path):
     for engine in ("torch", "deepspeed"):
         train(load_config(TINY, [f"train.out_dir={tmp_path / engine}", f"train.engine={engine}", *STEPS]),
               show_progress=False)
-    torch_losses, ds_losses = losses(tmp_path / "torch"), losses(tmp_path / "deepspeed")
+    torch_losses, ds_losses = metric_values(tmp_path / "torch"), metric_values(tmp_path / "deepspeed")
     assert len(torch_losses) == 12
     assert ds_losses == pytest.approx(torch_losses, rel=1e-5, abs=1e-6)
 
@@ -40,7 +36,7 @@ def test_zero3_partitions_yet_matches_zero0_and_exports_full_weights(tmp_path):
     for stage in (0, 3):
         train(load_config(TINY, [f"train.out_dir={tmp_path / str(stage)}", "train.engine=deepspeed",
                                  f"train.zero_stage={stage}", *STEPS]), show_progress=False)
-    assert losses(tmp_path / "3") == pytest.approx(losses(tmp_path / "0"), rel=1e-4, abs=1e-6)
+    assert metric_values(tmp_path / "3") == pytest.approx(metric_values(tmp_path / "0"), rel=1e-4, abs=1e-6)
     ema0 = load_file(tmp_path / "0" / "model" / "model.safetensors")
     ema3 = load_file(tmp_path / "3" / "model" / "model.safetensors")
     assert ema0.keys() == ema3.keys() and all(ema3[k].numel() == ema0[k].numel() for k in ema0)
@@ -58,7 +54,7 @@ def test_zero_stages_train_and_save_a_loadable_model(tmp_path, stage):
                                       f"train.zero_stage={stage}", *STEPS]), show_progress=False)
     model, tok = load_model(result.model_dir)
     assert len(generate(model, tok, 2, steps=5)) == 2
-    assert all(l == l for l in losses(tmp_path))  # finite, logged every step
+    assert all(l == l for l in metric_values(tmp_path))  # finite, logged every step
 
 
 @pytest.mark.parametrize("offload", [["train.zero_stage=2", "train.offload_optimizer=true"],
@@ -69,7 +65,7 @@ def test_offloaded_runs_follow_zero0(tmp_path, offload):
     for name, extra in (("zero0", []), ("offload", offload)):
         train(load_config(TINY, [f"train.out_dir={tmp_path / name}", "train.engine=deepspeed", *STEPS, *extra]),
               show_progress=False)
-    assert losses(tmp_path / "offload") == pytest.approx(losses(tmp_path / "zero0"), rel=1e-5)
+    assert metric_values(tmp_path / "offload") == pytest.approx(metric_values(tmp_path / "zero0"), rel=1e-5)
 
 
 def test_launcher_local_rank_argument_is_accepted(tmp_path, capsys):
@@ -159,8 +155,8 @@ def test_two_processes_with_torchrun_and_gloo(tmp_path):
                               capture_output=True, text=True, env=subprocess_env(), timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stderr.count("micro-batch 16 x accumulation 1 x 2 processes") == 1  # rank 0 logs, rank 1 not
-        assert len(losses(tmp_path / str(stage))) == 6
-    assert losses(tmp_path / "3") == pytest.approx(losses(tmp_path / "0"), rel=1e-5)
+        assert len(metric_values(tmp_path / str(stage))) == 6
+    assert metric_values(tmp_path / "3") == pytest.approx(metric_values(tmp_path / "0"), rel=1e-5)
     model, _ = load_model(tmp_path / "3" / "model")  # loads on one CPU
     assert model.denoiser.encoder.layer[0].output.dense.weight.numel() > 0
     ema0, ema3 = (load_file(tmp_path / s / "model" / "model.safetensors") for s in ("0", "3"))

@@ -2,8 +2,6 @@
 CPUs compute bf16 too), the diffusion math kept in fp32 when DeepSpeed casts the weights, gradient accumulation,
 and a training loop that reads nothing back from the device between log steps."""
 
-import json
-
 import pytest
 import torch
 
@@ -16,7 +14,7 @@ from difflm.modeling import TextDiffusionConfig, TextDiffusionModel
 from difflm.text import text_loss
 from difflm.train import train
 
-from conftest import ROOT
+from conftest import ROOT, metric_values
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 STEPS = ["train.max_steps=8", "train.eval_every=4", "train.log_every=1", "train.device=cpu"]
@@ -25,10 +23,6 @@ STEPS = ["train.max_steps=8", "train.eval_every=4", "train.log_every=1", "train.
 @pytest.fixture
 def bf16_here(monkeypatch):
     monkeypatch.setattr(precision, "bf16_supported", lambda: True)
-
-
-def logged(out, key="loss"):
-    return [r[key] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
 def run(out, *overrides):
@@ -41,7 +35,7 @@ def test_deepspeed_bf16_is_torch_autocast_and_matches_the_torch_engine(tmp_path,
     run(tmp_path / "torch", "train.precision=bf16")
     run(tmp_path / "ds", "train.precision=bf16", "train.engine=deepspeed")
     run(tmp_path / "fp32")
-    bf16, ds, fp32 = logged(tmp_path / "torch"), logged(tmp_path / "ds"), logged(tmp_path / "fp32")
+    bf16, ds, fp32 = metric_values(tmp_path / "torch"), metric_values(tmp_path / "ds"), metric_values(tmp_path / "fp32")
     assert ds == pytest.approx(bf16, rel=1e-5)
     assert bf16[0] == pytest.approx(fp32[0], rel=2e-2) and bf16[0] != fp32[0]
     assert any(torch.tensor(v, dtype=torch.bfloat16).item() != v for v in bf16)  # computed in fp32, not bf16
@@ -65,7 +59,7 @@ def test_cast_weights_keeps_the_diffusion_math_in_fp32(tmp_path, bf16_here, monk
                  "diffusion.num_steps=2000")
     train_calls = seen[:3]
     assert all(s[:3] == (torch.float32,) * 3 and s[3] < 1e-3 for s in train_calls), train_calls
-    assert all(v == v for v in logged(tmp_path))
+    assert all(v == v for v in metric_values(tmp_path))
     from safetensors.torch import load_file
 
     ema = load_file(result.model_dir / "model.safetensors")
@@ -128,8 +122,8 @@ def test_accumulating_micro_batches_equals_one_large_batch(engine, stage):
 def test_a_step_is_one_update_over_grad_accum_micro_batches(tmp_path):
     """max_steps counts optimizer updates: with grad_accum=3 the schedule still ends at zero on the last step."""
     run(tmp_path, "train.engine=deepspeed", "train.grad_accum=3", "train.warmup_steps=0")
-    assert logged(tmp_path, "step") == list(range(1, 9))
-    lrs = logged(tmp_path, "lr")
+    assert metric_values(tmp_path, "step") == list(range(1, 9))
+    lrs = metric_values(tmp_path, "lr")
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and lrs[0] == pytest.approx(1e-3 * 7 / 8)
 
 
@@ -162,7 +156,7 @@ def test_compiled_denoiser_under_zero2_matches_the_eager_torch_engine(tmp_path):
     """train.compile now also works with DeepSpeed (ZeRO 0-2): the compiled run follows the eager one."""
     run(tmp_path / "eager")
     run(tmp_path / "compiled", "train.engine=deepspeed", "train.zero_stage=2", "train.compile=true")
-    assert logged(tmp_path / "compiled") == pytest.approx(logged(tmp_path / "eager"), rel=1e-4)
+    assert metric_values(tmp_path / "compiled") == pytest.approx(metric_values(tmp_path / "eager"), rel=1e-4)
 
 
 @pytest.mark.parametrize("stage", [0, 2])
@@ -174,6 +168,6 @@ def test_fp16_uses_deepspeeds_loss_scaling_and_clips_the_true_gradient(tmp_path,
     monkeypatch.setattr(engines, "check_precision", lambda name, option: None)  # fp16 needs CUDA otherwise
     run(tmp_path / "fp16", "train.engine=deepspeed", "train.precision=fp16", f"train.zero_stage={stage}")
     run(tmp_path / "fp32", "train.engine=deepspeed", f"train.zero_stage={stage}")
-    fp16, fp32 = logged(tmp_path / "fp16", "grad_norm"), logged(tmp_path / "fp32", "grad_norm")
+    fp16, fp32 = metric_values(tmp_path / "fp16", "grad_norm"), metric_values(tmp_path / "fp32", "grad_norm")
     assert fp16[0] == pytest.approx(fp32[0], rel=0.05)
-    assert logged(tmp_path / "fp16") == pytest.approx(logged(tmp_path / "fp32"), rel=0.02)
+    assert metric_values(tmp_path / "fp16") == pytest.approx(metric_values(tmp_path / "fp32"), rel=0.02)
