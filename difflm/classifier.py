@@ -30,11 +30,13 @@ from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedMode
 from .config import Config, save_config
 from .data import mr_values, parse_mr, special_ids
 from .engines import TorchEngine
-from .errors import DifflmError
+from .files import check_out_dir, start_out_dir
+from .errors import DifflmError, loading
 from .modeling import TimeEmbedding, model_type, register_auto_classes
 from .tagging import POS_TAGS
 from .text import embed_with_noise, save_model
-from .train import BatchStream, check_loop_config, prepare_data, resolve_device, run_loop
+from .runtime import resolve_device
+from .train import BatchStream, prepare_data, run_loop
 
 log = logging.getLogger("difflm")
 TASKS = ("content", "pos", "syntax")
@@ -209,15 +211,14 @@ def classifier_loss(clf: NoisyClassifier, x_t: torch.Tensor, t: torch.Tensor, la
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
-def train_classifier(model, tokenizer, cfg: Config, task: str, show_progress: bool = True) -> Path:
+def train_classifier(model, tokenizer, cfg: Config, task: str, show_progress: bool = True,
+                     overwrite: bool = False) -> Path:
     """Train a noisy classifier for `task` on cfg.data with the frozen diffusion `model`; returns its directory."""
     if task not in TASKS:
         raise DifflmError(f"unknown classifier task {task!r}; choose one of {', '.join(TASKS)}")
     c = cfg.classifier
-    check_loop_config(c, "classifier")
-    if c.hidden_size % c.num_heads:
-        raise DifflmError(f"classifier.hidden_size ({c.hidden_size}) must be divisible by classifier.num_heads "
-                          f"({c.num_heads})")
+    out = Path(c.out_dir or f"runs/classifier-{task}")
+    check_out_dir(out, "classifier.out_dir", overwrite=overwrite)
     if cfg.data.seq_len != model.config.seq_len:
         raise DifflmError(f"data.seq_len={cfg.data.seq_len} differs from the model's {model.config.seq_len}")
     torch.manual_seed(c.seed)
@@ -243,8 +244,7 @@ def train_classifier(model, tokenizer, cfg: Config, task: str, show_progress: bo
     log.info("classifier (%s): %d x %d, %.2fM parameters, %d classes", task, c.num_layers, c.hidden_size,
              sum(p.numel() for p in clf.parameters()) / 1e6, ccfg.num_outputs)
     engine = TorchEngine(clf, c)
-    out = Path(c.out_dir or f"runs/classifier-{task}")
-    out.mkdir(parents=True, exist_ok=True)
+    start_out_dir(out, overwrite=overwrite)
     save_config(cfg, out / "config.yaml")
     rows = BatchStream(torch.arange(len(train.ids))[:, None], c.batch_size, c.seed)
     g = torch.Generator(device=device).manual_seed(c.seed)
@@ -280,7 +280,7 @@ def train_classifier(model, tokenizer, cfg: Config, task: str, show_progress: bo
         save_model(clf, tokenizer, out / "model")
 
     result = run_loop(engine, next_loss, evaluate, save, c, out / "metrics.jsonl", show_progress=show_progress,
-                      desc=f"classifier-{task}")
+                      desc=f"classifier-{task}", saved=f"the classifier so far saved in {out / 'model'}")
     ev = result.last_eval
     log.info("classifier trained %d steps in %.1f min; dev loss %.4f, accuracy %.3f (t drawn as in training); "
              "saved to %s", result.steps, result.minutes, ev.get("dev_loss", math.nan),
@@ -295,7 +295,8 @@ def load_classifier(path: str, model=None, device="cpu") -> NoisyClassifier:
         p = p / "model"
     if model_type(p) != NoisyClassifierConfig.model_type:
         raise DifflmError(f"{path} is not a classifier directory; train one with `difflm train-classifier`")
-    clf = NoisyClassifier.from_pretrained(p, local_files_only=True).to(device).eval().requires_grad_(False)
+    with loading(path, "classifier"):
+        clf = NoisyClassifier.from_pretrained(p, local_files_only=True).to(device).eval().requires_grad_(False)
     if model is not None and clf.config.diffusion_fingerprint != model_fingerprint(model):
         raise DifflmError(f"classifier {path} was trained for another diffusion model (its embeddings or schedule "
                           f"differ); train one for this model with `difflm train-classifier --model`")

@@ -9,11 +9,13 @@ import argparse
 import json
 import logging
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import DifflmError
+from .errors import DifflmError, TrainingInterrupted
 
 
 class _TqdmHandler(logging.Handler):
@@ -51,7 +53,7 @@ def cmd_train(args) -> None:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = load_config(args.config, args.overrides)
-    train(cfg, show_progress=not args.no_progress, resume=args.resume)
+    train(cfg, show_progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
 
 
 def _config_for_model(args):
@@ -79,23 +81,25 @@ def cmd_train_teacher(args) -> None:
         model, tokenizer = load_model(resolve_model_dir(args.model))
         if cfg.data.seq_len != model.config.seq_len:
             raise DifflmError(f"data.seq_len={cfg.data.seq_len} differs from the model's {model.config.seq_len}")
-    train_teacher(cfg, tokenizer, show_progress=not args.no_progress)
+    train_teacher(cfg, tokenizer, show_progress=not args.no_progress, overwrite=args.overwrite)
 
 
 def cmd_generate(args) -> None:
     from tqdm.auto import tqdm
 
     from .files import atomic_write_text
+    from .precision import check_precision
+    from .sampling import check_request
     from .text import generate, load_model
 
-    if args.num_samples < 1:
-        raise DifflmError(f"--num-samples must be positive, got {args.num_samples}")
     from .image import is_image_model
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     if is_image_model(resolve_model_dir(args.model)):
         return _generate_images(args)
     model, tokenizer = load_model(resolve_model_dir(args.model), device=resolve_device(args.device))
+    check_request(model.diffusion, args.num_samples, args.steps, args.batch_size)
+    check_precision(args.precision, "--precision")
     with tqdm(total=args.num_samples, desc="generate", disable=args.no_progress, dynamic_ncols=True) as bar:
         samples = generate(model, tokenizer, args.num_samples, steps=args.steps, sampler=args.sampler,
                            clamp=args.clamp, seed=args.seed, batch_size=args.batch_size, progress=bar.update,
@@ -110,7 +114,8 @@ def _generate_images(args) -> None:
     from tqdm.auto import tqdm
 
     from .image import generate_images, grid, load_image_model, save_png
-    from .train import resolve_device
+    from .sampling import check_request
+    from .runtime import resolve_device
 
     if args.precision != "fp32" or args.compile:
         raise DifflmError("--precision and --compile apply to text models")
@@ -119,6 +124,7 @@ def _generate_images(args) -> None:
     if Path(args.out).suffix.lower() != ".png":
         raise DifflmError(f"image samples are written as a PNG grid; give --out FILE.png, not {args.out}")
     model = load_image_model(resolve_model_dir(args.model), device=resolve_device(args.device))
+    check_request(model.diffusion, args.num_samples, args.steps, args.batch_size)
     with tqdm(total=args.num_samples, desc="generate", disable=args.no_progress, dynamic_ncols=True) as bar:
         images = generate_images(model, args.num_samples, steps=args.steps, sampler=args.sampler, seed=args.seed,
                                  batch_size=args.batch_size, progress=bar.update)
@@ -148,7 +154,7 @@ def cmd_eval(args) -> None:
     from .evaluation import check_metrics, evaluate_model
     from .report import write_report
     from .text import load_model
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     if args.metrics is not None:
         metrics = check_metrics([m.strip() for m in args.metrics.split(",") if m.strip()])
@@ -185,7 +191,7 @@ def cmd_eval(args) -> None:
 def cmd_bench(args) -> None:
     from .bench import SECTIONS, run
     from .config import load_config
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     device = resolve_device(args.device)
     config = args.config
@@ -220,19 +226,22 @@ def cmd_train_classifier(args) -> None:
                           f"(length and infill need no classifier)")
     cfg = _config_for_model(args)
     model, tokenizer = load_model(resolve_model_dir(args.model))
-    train_classifier(model, tokenizer, cfg, args.task, show_progress=not args.no_progress)
+    train_classifier(model, tokenizer, cfg, args.task, show_progress=not args.no_progress, overwrite=args.overwrite)
 
 
 def _control_context(args, cfg, device):
     from .classifier import load_classifier
     from .control import ControlContext
     from .guidance import check_guidance_config
+    from .sampling import check_request
     from .text import load_model
 
     check_guidance_config(cfg.guidance)
     if cfg.guidance.sampler not in ("ddpm", "ddim"):
         raise DifflmError(f"unknown guidance.sampler {cfg.guidance.sampler!r}; choose ddpm or ddim")
     model, tokenizer = load_model(resolve_model_dir(args.model), device=device)
+    check_request(model.diffusion, getattr(args, "num_samples", 1), cfg.guidance.sampling_steps, args.batch_size,
+                  "guidance.sampling_steps")
     classifiers = {}
     for path in args.classifier or []:
         clf = load_classifier(path, model, device=device)
@@ -258,10 +267,8 @@ def cmd_control(args) -> None:
 
     from .control import controlled_generate, parse_target
     from .files import atomic_write_text
-    from .train import resolve_device
+    from .runtime import resolve_device
 
-    if args.num_samples < 1:
-        raise DifflmError(f"--num-samples must be positive, got {args.num_samples}")
     tasks = [t.strip() for t in args.task.split(",") if t.strip()]
     if len(tasks) != len(args.target):
         raise DifflmError(f"--task names {len(tasks)} task(s) but --target was given {len(args.target)} time(s); "
@@ -290,7 +297,7 @@ def cmd_eval_control(args) -> None:
     from .data import encode, load_texts
     from .files import AtomicDir
     from .teacher import load_teacher
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     for name in ("num_targets", "per_target"):
         if getattr(args, name) < 1:
@@ -344,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=500")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--resume", action="store_true", help="continue exactly from <out_dir>/checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace a run that out_dir already holds")
     t.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher (LOCAL_RANK)")
     t.set_defaults(func=cmd_train)
@@ -370,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--model", help="a difflm model whose tokenizer (and, without --config, data) to use")
     tt.add_argument("overrides", nargs="*", help="section.key=value, e.g. teacher.max_steps=500")
     tt.add_argument("--no-progress", action="store_true")
+    tt.add_argument("--overwrite", action="store_true", help="replace a teacher that teacher.out_dir already holds")
     tt.set_defaults(func=cmd_train_teacher)
 
     e = sub.add_parser("eval", help="likelihood bound, lm-score, diversity (and grammar) with a report")
@@ -414,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--config", help="configs/NAME.yaml (data and classifier sections); default: the model's")
     tc.add_argument("overrides", nargs="*", help="section.key=value, e.g. classifier.max_steps=500")
     tc.add_argument("--no-progress", action="store_true")
+    tc.add_argument("--overwrite", action="store_true", help="replace a classifier its out_dir already holds")
     tc.set_defaults(func=cmd_train_classifier)
 
     def control_args(p):
@@ -463,15 +473,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     except DifflmError as e:
         print(f"difflm: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # every rank stopped at the same step and took part in the save
+        if os.environ.get("RANK", "0") == "0":
+            print(f"difflm: stopped by {signal.Signals(e.signum).name} at step {e.step} of {e.max_steps}; {e.saved}"
+                  + (f"; resume with: {_resume_command(argv)}" if e.resumable else ""), file=sys.stderr)
+        code = 128 + e.signum
     except KeyboardInterrupt:
         print("difflm: interrupted", file=sys.stderr)
         return 130
+    else:
+        code = 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _exit_distributed()
-    return 0
+        _exit_distributed(code)
+    return code
 
 
-def _exit_distributed() -> None:
+def _resume_command(argv: Optional[List[str]]) -> str:
+    """This command line with --resume (and without --overwrite, which would start over)."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
+    return shlex.join(["difflm", *args, *(["--resume"] if "--resume" not in args else [])])
+
+
+def _exit_distributed(code: int) -> None:
     """Leave a multi-process run cleanly: gloo workers sometimes abort in interpreter teardown after all work is
     done ("terminate called without an active exception"), so shut the group down and exit at once."""
     import torch.distributed as dist
@@ -481,7 +504,7 @@ def _exit_distributed() -> None:
         dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
 """Experiment configuration: frozen dataclasses loaded from YAML plus `section.key=value` overrides.
 
 Unknown keys are rejected with the closest valid key suggested; values are coerced to the field's type (PyYAML
-reads `1e-4` as a string, and overrides arrive as strings).
+reads `1e-4` as a string, and overrides arrive as strings). Every numeric field has a range (`Range`), checked
+when a section is built, from YAML, overrides or Python alike, so that no out-of-range number reaches torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, ClassVar, Dict, Optional, Sequence
 
 import yaml
 
@@ -19,7 +21,71 @@ from .errors import DifflmError
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class Range:
+    """The values a numeric config field may take: finite, between `low` and `high` (each end open or closed)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return math.isfinite(value) and above and below
+
+    def describe(self) -> str:
+        if self.high == math.inf:
+            if (self.low, self.low_open) in ((0, True), (1, False)):  # (1, closed): the integer fields
+                return "positive"
+            if self.low == 0:
+                return "zero or more"
+            return f"above {self.low:g}" if self.low_open else f"at least {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+PROBABILITY = Range(0, 1)
+DROPOUT = Range(0, 1, high_open=True)
+OPEN_UNIT = Range(0, 1, low_open=True, high_open=True)
+
+
+class Section:
+    """A config section: `section` is its name in YAML, `ranges` the range of each numeric field (a subclass
+    adds to its parents'). Construction checks them all, and `check` any rule between fields."""
+
+    section: ClassVar[str] = ""
+    ranges: ClassVar[Dict[str, Range]] = {}
+
+    @classmethod
+    def range_of(cls, name: str) -> Optional[Range]:
+        for klass in cls.__mro__:
+            if name in vars(klass).get("ranges", {}):
+                return vars(klass)["ranges"][name]
+        return None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, rng = getattr(self, f.name), self.range_of(f.name)
+            if rng is not None and not isinstance(value, bool) and isinstance(value, (int, float)) \
+                    and not rng.holds(value):
+                raise DifflmError(f"config key {self.section}.{f.name} must be {rng.describe()}, got {value!r}")
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields (none by default)."""
+
+
+def _divisible(section: Section, width: str = "hidden_size", heads: str = "num_heads") -> None:
+    w, h = getattr(section, width), getattr(section, heads)
+    if w % h:
+        name = section.section
+        raise DifflmError(f"{name}.{width} ({w}) must be divisible by {name}.{heads} ({h})")
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
     modality: str = "text"  # text, or image (the same core on pixels)
     source: str = "builtin:restaurants"  # builtin:NAME, a local .csv/.json/.jsonl/.txt file, or a Hub dataset id
     dev_source: str = ""  # a local file for held-out text; empty: `dev_split` of a Hub dataset, else a held-out share
@@ -40,9 +106,14 @@ class DataConfig:
     image_channels: int = 1  # image mode: the data must match these
     image_size: int = 16
 
+    section = "data"
+    ranges = {"dev_fraction": OPEN_UNIT, "seq_len": Range(3), "min_freq": Range(1), "max_train_examples": NON_NEGATIVE,
+              "builtin_train": Range(1), "builtin_dev": Range(1), "builtin_seed": NON_NEGATIVE,
+              "image_channels": Range(1), "image_size": Range(1)}
+
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     embed_dim: int = 16
     hidden_size: int = 128
     num_layers: int = 4
@@ -55,9 +126,17 @@ class ModelConfig:
     attribute_dropout: float = 0.5  # each attribute dropped at random in training (so any subset can be asked for)
     unconditional_prob: float = 0.1  # and all of them dropped this often (the unconditional model)
 
+    section = "model"
+    ranges = {"embed_dim": Range(1), "hidden_size": Range(1), "num_layers": Range(1), "num_heads": Range(1),
+              "intermediate_size": Range(1), "dropout": DROPOUT, "attribute_dropout": PROBABILITY,
+              "unconditional_prob": PROBABILITY}
+
+    def check(self) -> None:
+        _divisible(self)
+
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(Section):
     """The image-mode denoiser (image.ImageDiffusionModel)."""
 
     base_channels: int = 32
@@ -66,16 +145,22 @@ class UNetConfig:
     attention: bool = True  # self-attention at the lowest resolution
     dropout: float = 0.1
 
+    section = "unet"
+    ranges = {"base_channels": Range(1), "res_blocks": Range(1), "dropout": DROPOUT}
+
 
 @dataclass(frozen=True)
-class DiffusionConfig:
+class DiffusionConfig(Section):
     schedule: str = "sqrt"
     num_steps: int = 2000
     prediction: str = "x0"
 
+    section = "diffusion"
+    ranges = {"num_steps": Range(1)}
+
 
 @dataclass(frozen=True)
-class LoopConfig:
+class LoopConfig(Section):
     """What every training loop reads (engines.TorchEngine, train.run_loop); sections below set their defaults."""
 
     out_dir: str = "runs/default"
@@ -91,6 +176,11 @@ class LoopConfig:
     log_every: int = 10
     eval_every: int = 200
     save_every: int = 1000
+
+    section = "train"
+    ranges = {"seed": NON_NEGATIVE, "batch_size": Range(1), "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+              "warmup_steps": NON_NEGATIVE, "max_steps": Range(1), "max_minutes": NON_NEGATIVE,
+              "grad_clip": NON_NEGATIVE, "log_every": Range(1), "eval_every": Range(1), "save_every": Range(1)}
 
 
 @dataclass(frozen=True)
@@ -108,6 +198,13 @@ class TrainConfig(LoopConfig):
     eval_batches: int = 4
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
 
+    ranges = {"grad_accum": Range(1), "zero_stage": Range(0, 3), "ema_decay": PROBABILITY, "eval_batches": Range(1),
+              "threads": NON_NEGATIVE}
+
+
+# the small networks of the teacher and the classifiers
+NETWORK_RANGES = {"hidden_size": Range(1), "num_layers": Range(1), "num_heads": Range(1), "dropout": DROPOUT}
+
 
 @dataclass(frozen=True)
 class TeacherConfig(LoopConfig):
@@ -123,6 +220,12 @@ class TeacherConfig(LoopConfig):
     num_layers: int = 4
     num_heads: int = 4
     dropout: float = 0.1
+
+    section = "teacher"
+    ranges = NETWORK_RANGES
+
+    def check(self) -> None:
+        _divisible(self)
 
 
 @dataclass(frozen=True)
@@ -141,9 +244,15 @@ class ClassifierConfig(LoopConfig):
     dropout: float = 0.1
     max_examples: int = 20000  # training texts to label (spaCy tagging is the slow part for pos and syntax)
 
+    section = "classifier"
+    ranges = {**NETWORK_RANGES, "max_examples": Range(1)}
+
+    def check(self) -> None:
+        _divisible(self)
+
 
 @dataclass(frozen=True)
-class GuidanceConfig:
+class GuidanceConfig(Section):
     """Controlled generation (`difflm control`): Diffusion-LM's gradient update after each sampler step."""
 
     steps: int = 3  # K gradient steps on x_{t-1} per sampler step
@@ -157,6 +266,11 @@ class GuidanceConfig:
     free_weight: float = 2.0  # classifier-free guidance: x0 = (1 + w) x0(c) - w x0(no c)
     sampling_steps: int = 200  # sampler steps (Diffusion-LM guides 200 of its 2000)
     sampler: str = "ddpm"
+
+    section = "guidance"
+    ranges = {"steps": NON_NEGATIVE, "step_size": POSITIVE, "fluency": NON_NEGATIVE, "unguided_last": NON_NEGATIVE,
+              "classifier_weight": NON_NEGATIVE, "constraint_weight": NON_NEGATIVE, "free_weight": NON_NEGATIVE,
+              "sampling_steps": Range(1)}
 
 
 @dataclass(frozen=True)

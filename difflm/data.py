@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .config import DataConfig
-from .errors import DifflmError
+from .errors import DifflmError, loading
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,20 @@ def _looks_local(source: str) -> bool:
             or Path(source).exists())
 
 
+def _utf8_text(path: Path, source: str) -> str:
+    """The file's text, or a one-line error saying where it stops being UTF-8 and how to re-encode it."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        fixed = path.with_name(f"{path.stem}.utf8{path.suffix}")
+        raise DifflmError(f"data file {source} is not UTF-8: byte 0x{data[e.start]:02x} at line {line}, column "
+                          f"{column} (offset {e.start}); re-encode it, e.g. `iconv -f latin1 -t utf-8 {source} > "
+                          f"{fixed}` (latin1, or the file's real encoding), and use that file") from None
+
+
 def _load_dataset(source: str, split: str):
     import datasets  # heavy; only here
 
@@ -71,7 +85,7 @@ def _load_dataset(source: str, split: str):
         builder = LOCAL_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise DifflmError(f"data file {source} has an unsupported type; use .csv, .json, .jsonl or .txt")
-        if path.is_file() and sum(1 for line in path.open(errors="replace") if line.strip()) <= (builder == "csv"):
+        if sum(1 for line in _utf8_text(path, source).splitlines() if line.strip()) <= (builder == "csv"):
             raise DifflmError(f"dataset {source} is empty: it has no rows")
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -149,10 +163,8 @@ def load_tokenizer(path: str):
 
     if not Path(path).is_dir():
         raise DifflmError(f"tokenizer directory {path} not found; give a local Hugging Face tokenizer directory")
-    try:
+    with loading(path, "tokenizer"):
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:
-        raise DifflmError(f"could not load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
     if tok.bos_token_id is None and tok.cls_token_id is not None:
         tok.bos_token = tok.cls_token
     if tok.eos_token_id is None and tok.sep_token_id is not None:

@@ -19,6 +19,7 @@ from .data import decode, encode, load_texts
 from .errors import DifflmError
 from .metrics import bound_report, diversity, grammar_report
 from .rounding import round_to_tokens
+from .sampling import check_request
 from .text import embed_with_noise, generate
 
 log = logging.getLogger("difflm")
@@ -109,6 +110,7 @@ def evaluate_model(model, tokenizer, cfg: Config, samples: Optional[List[str]], 
         raise DifflmError("lm_score needs --teacher DIR (train one with `difflm train-teacher --model MODEL`)")
     device = model.embedding.weight.device
     if samples is None:
+        check_request(model.diffusion, num_samples, steps, 64)
         with tqdm(total=num_samples, desc="generate", disable=not show_progress, dynamic_ncols=True) as bar:
             samples = [s.text for s in generate(model, tokenizer, num_samples, steps=steps, seed=seed,
                                                 progress=bar.update)]

@@ -34,14 +34,6 @@ class Guide(Protocol):
 
 
 def check_guidance_config(cfg: GuidanceConfig) -> None:
-    if cfg.steps < 0:
-        raise DifflmError(f"guidance.steps must not be negative, got {cfg.steps}")
-    if cfg.step_size <= 0:
-        raise DifflmError(f"guidance.step_size must be positive, got {cfg.step_size}")
-    if cfg.fluency < 0:
-        raise DifflmError(f"guidance.fluency must not be negative, got {cfg.fluency}")
-    if cfg.unguided_last < 0:
-        raise DifflmError(f"guidance.unguided_last must not be negative, got {cfg.unguided_last}")
     if cfg.optimizer not in OPTIMIZERS:
         raise DifflmError(f"unknown guidance.optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
 

@@ -27,8 +27,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .config import Config, DataConfig
 from .diffusion import ELBOTerms, GaussianDiffusion, _bcast, _sum_except_batch
-from .errors import DifflmError
+from .errors import DifflmError, loading
 from .modeling import TimeEmbedding, model_type, register_auto_classes
+from .runtime import Setup
 from .schedules import get_schedule
 
 log = logging.getLogger("difflm")
@@ -350,11 +351,6 @@ def image_model_config(cfg: Config) -> ImageDiffusionConfig:
         mults = []
     if not mults or min(mults) < 1:
         raise DifflmError(f"unet.channel_mults must be positive integers separated by commas, got {u.channel_mults!r}")
-    for name in ("base_channels", "res_blocks"):
-        if getattr(u, name) < 1:
-            raise DifflmError(f"unet.{name} must be positive, got {getattr(u, name)}")
-    if cfg.data.image_channels < 1 or cfg.data.image_size < 1:
-        raise DifflmError("data.image_channels and data.image_size must be positive")
     return ImageDiffusionConfig(image_size=cfg.data.image_size, channels=cfg.data.image_channels,
                                 base_channels=u.base_channels, channel_mults=mults, res_blocks=u.res_blocks,
                                 attention=u.attention, dropout=u.dropout, schedule=cfg.diffusion.schedule,
@@ -363,7 +359,6 @@ def image_model_config(cfg: Config) -> ImageDiffusionConfig:
 
 def image_setup(cfg: Config):
     """The training loop's Setup for image mode (train.train dispatches on data.modality)."""
-    from .train import Setup
 
     mcfg = image_model_config(cfg)
     splits = load_images(cfg.data)
@@ -383,17 +378,17 @@ def is_image_model(path) -> bool:
 def load_image_model(path, device="cpu") -> ImageDiffusionModel:
     if not is_image_model(path):
         raise DifflmError(f"{path} is not a difflm image model directory; train one with data.modality=image")
-    return ImageDiffusionModel.from_pretrained(Path(path), local_files_only=True).to(device).eval()
+    with loading(path, "image model"):
+        return ImageDiffusionModel.from_pretrained(Path(path), local_files_only=True).to(device).eval()
 
 
 @torch.no_grad()
 def generate_images(model: ImageDiffusionModel, num_samples: int, steps: Optional[int] = None,
                     sampler: str = "ddpm", seed: int = 0, batch_size: int = 64, progress=None) -> torch.Tensor:
     """uint8 samples (N, C, H, W); each x0 estimate is clipped to [-1, 1], the data's range."""
-    from .sampling import sample
+    from .sampling import check_request, sample
 
-    if num_samples < 1:
-        raise DifflmError(f"--num-samples must be positive, got {num_samples}")
+    check_request(model.diffusion, num_samples, steps, batch_size)
     c = model.config
     p = next(model.parameters())
     g = torch.Generator(device=p.device).manual_seed(seed)
@@ -483,7 +478,7 @@ def evaluate_images(model_dir: str, cfg: Config, args, command: str) -> Path:
     from tqdm.auto import tqdm
 
     from .files import AtomicDir
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     device = resolve_device(args.device)
     model = load_image_model(model_dir, device=device)

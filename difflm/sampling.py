@@ -39,19 +39,30 @@ class StepState:
     var: torch.Tensor  # variance of p(x_s | x_t) (broadcastable)
 
 
-def time_grid(diffusion: GaussianDiffusion, steps: Optional[int]) -> torch.Tensor:
-    """Decreasing sampling times t_K > .. > t_1, ending at the first latent (1/T, or t_min in continuous time)."""
+def time_grid(diffusion: GaussianDiffusion, steps: Optional[int], option: str = "--steps") -> torch.Tensor:
+    """Decreasing sampling times t_K > .. > t_1, ending at the first latent (1/T, or t_min in continuous time).
+    `option` names the setting that gave `steps` in the error for a count the grid cannot make."""
     if diffusion.discrete:
         total = diffusion.num_steps
         steps = total if steps is None else steps
         if not 1 <= steps <= total:
-            raise DifflmError(f"--steps must be between 1 and the model's {total} diffusion steps, got {steps}")
+            raise DifflmError(f"{option} must be between 1 and the model's {total} diffusion steps, got {steps}")
         idx = torch.unique(torch.round(torch.linspace(total, 1, steps, dtype=torch.float64)))
         return torch.flip(idx, [0]) / total
     if steps is None or steps < 1:
-        raise DifflmError("a continuous-time model needs --steps (a positive number of sampling steps)")
+        raise DifflmError(f"a continuous-time model needs {option} (a positive number of sampling steps)")
     t_end = max(diffusion.t_min, 1e-4)
     return torch.linspace(1.0, t_end, steps, dtype=torch.float64)
+
+
+def check_request(diffusion: GaussianDiffusion, num_samples: int, steps: Optional[int], batch_size: int,
+                  steps_option: str = "--steps") -> None:
+    """One-line errors for a sampling request the model cannot serve, to be called before any output."""
+    if num_samples < 1:
+        raise DifflmError(f"--num-samples must be positive, got {num_samples}")
+    if batch_size < 1:
+        raise DifflmError(f"--batch-size must be positive, got {batch_size}")
+    time_grid(diffusion, steps, steps_option)  # a step count the grid cannot make
 
 
 @torch.no_grad()

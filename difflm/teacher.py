@@ -13,10 +13,12 @@ import torch.nn.functional as F
 
 from .config import Config, save_config
 from .data import encode, special_ids
-from .errors import DifflmError
+from .errors import DifflmError, loading
 from .engines import TorchEngine
+from .files import check_out_dir, start_out_dir
 from .text import save_model
-from .train import BatchStream, check_loop_config, prepare_data, resolve_device, run_loop
+from .runtime import resolve_device
+from .train import BatchStream, prepare_data, run_loop
 
 log = logging.getLogger("difflm")
 
@@ -25,8 +27,6 @@ def build_teacher(cfg: Config, tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     t = cfg.teacher
-    if t.hidden_size % t.num_heads:
-        raise DifflmError(f"teacher.hidden_size ({t.hidden_size}) must be divisible by teacher.num_heads ({t.num_heads})")
     start, end, pad = special_ids(tokenizer)
     gcfg = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.data.seq_len, n_embd=t.hidden_size,
                       n_layer=t.num_layers, n_head=t.num_heads, resid_pdrop=t.dropout, embd_pdrop=t.dropout,
@@ -56,11 +56,12 @@ def _mean_nll(teacher, ids, pad_id, batch_size, progress=None) -> float:
     return total / max(count, 1)
 
 
-def train_teacher(cfg: Config, tokenizer=None, show_progress: bool = True) -> Path:
+def train_teacher(cfg: Config, tokenizer=None, show_progress: bool = True, overwrite: bool = False) -> Path:
     """Train the teacher on cfg.data (with `tokenizer`, normally the diffusion model's) and save it to
-    `teacher.out_dir` with save_pretrained, tokenizer included."""
+    `teacher.out_dir` with save_pretrained, tokenizer included (a directory holding a run only with `overwrite`)."""
     t = cfg.teacher
-    check_loop_config(t, "teacher")
+    out = Path(t.out_dir)
+    check_out_dir(out, "teacher.out_dir", overwrite=overwrite)
     torch.manual_seed(t.seed)
     device = resolve_device(t.device)
     tokenizer, train_ids, dev_ids = prepare_data(cfg, tokenizer)
@@ -70,8 +71,7 @@ def train_teacher(cfg: Config, tokenizer=None, show_progress: bool = True) -> Pa
     log.info("teacher: GPT-2 %d x %d, %.2fM parameters", t.num_layers, t.hidden_size,
              sum(p.numel() for p in model.parameters()) / 1e6)
     engine = TorchEngine(model, t)
-    out = Path(t.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    start_out_dir(out, overwrite=overwrite)
     save_config(cfg, out / "config.yaml")
     data = BatchStream(train_ids, t.batch_size, t.seed)
 
@@ -88,7 +88,7 @@ def train_teacher(cfg: Config, tokenizer=None, show_progress: bool = True) -> Pa
         save_model(model, tokenizer, out / "model")
 
     result = run_loop(engine, next_loss, evaluate, save, t, out / "metrics.jsonl", show_progress=show_progress,
-                      desc="teacher")
+                      desc="teacher", saved=f"the teacher so far saved in {out / 'model'}")
     log.info("teacher trained %d steps in %.1f min; dev perplexity %.3f; saved to %s", result.steps, result.minutes,
              result.last_eval.get("dev_perplexity", float("nan")), out / "model")
     return out / "model"
@@ -104,11 +104,9 @@ def load_teacher(path: str, tokenizer=None, device="cpu"):
     if not (p / "config.json").is_file():
         raise DifflmError(f"teacher directory {path} does not exist or has no config.json; train one with "
                           f"`difflm train-teacher`")
-    try:
+    with loading(path, "teacher (a Hugging Face causal LM)"):
         teacher = AutoModelForCausalLM.from_pretrained(p, local_files_only=True).to(device).eval()
         teacher_tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise DifflmError(f"{path} is not a Hugging Face causal LM directory: {str(e).splitlines()[0]}") from None
     if tokenizer is not None and teacher_tok.get_vocab() != tokenizer.get_vocab():
         raise DifflmError(f"teacher {path} uses a different tokenizer from the model (vocabularies differ: "
                           f"{len(teacher_tok)} vs {len(tokenizer)} tokens); train it with `difflm train-teacher "

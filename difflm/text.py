@@ -9,12 +9,12 @@ from typing import Callable, List, NamedTuple, Optional
 import torch
 
 from .data import decode
-from .errors import DifflmError
+from .errors import DifflmError, loading
 from .files import AtomicDir
 from .modeling import TextDiffusionConfig, TextDiffusionModel, model_type
 from .precision import DTYPES, autocast, check_precision, latent_dtype
 from .rounding import nearest_embedding, round_to_tokens, rounding_nll
-from .sampling import sample
+from .sampling import check_request, sample
 
 
 class TextLoss(NamedTuple):
@@ -194,10 +194,7 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
     autocast (a CUDA GPU; the sampler's arithmetic stays fp32); `compile` runs it through torch.compile (with CUDA
     graphs on a GPU).
     """
-    if num_samples < 1:
-        raise DifflmError(f"--num-samples must be positive, got {num_samples}")
-    if batch_size < 1:
-        raise DifflmError(f"--batch-size must be positive, got {batch_size}")
+    check_request(model.diffusion, num_samples, steps, batch_size)
     check_precision(precision, "--precision")
     if compile and control is not None:
         raise DifflmError("compiled sampling is for unguided generation; drop --compile with control")
@@ -289,6 +286,7 @@ def load_model(path, device="cpu"):
     if model_type(p) != TextDiffusionConfig.model_type:
         raise DifflmError(f"{path} is not a difflm model directory (no config.json with model_type "
                           f"{TextDiffusionConfig.model_type!r}); give the out_dir of `difflm train`")
-    model = TextDiffusionModel.from_pretrained(p, local_files_only=True).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    with loading(p, "diffusion model"):
+        model = TextDiffusionModel.from_pretrained(p, local_files_only=True).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
     return model.eval(), tokenizer

@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +26,11 @@ from tqdm.auto import tqdm
 from .config import Config, LoopConfig, save_config
 from .data import TextSplits, build_tokenizer, encode, load_texts, load_tokenizer, mr_values, parse_mr, special_ids
 from .diffusion import PREDICTIONS
-from .engines import engine_config, make_engine, rank, world_size
-from .errors import DifflmError
+from .engines import engine_config, make_engine
+from .errors import DifflmError, TrainingInterrupted
+from .files import check_out_dir, start_out_dir
 from .modeling import TextDiffusionConfig, TextDiffusionModel
+from .runtime import Setup, rank, resolve_device, world_size
 from .schedules import SCHEDULES
 from .text import TextObjective, save_model
 
@@ -105,17 +109,6 @@ def build_model(cfg: Config, tokenizer, attributes: Optional[List[str]] = None) 
     return TextDiffusionModel(model_config(cfg, len(tokenizer), special_ids(tokenizer), attributes=attributes))
 
 
-@dataclass
-class Setup:
-    """What the loop needs from a modality: training and held-out rows, the model, its loss as a module."""
-
-    tokenizer: Any  # None in image mode
-    train_rows: torch.Tensor
-    dev_rows: torch.Tensor
-    model: torch.nn.Module
-    objective: Callable[[torch.nn.Module], torch.nn.Module]  # model -> loss module (TextObjective, ImageObjective)
-
-
 def text_setup(cfg: Config) -> Setup:
     tokenizer, train_ids, dev_ids, attributes = training_rows(cfg)
     model = build_model(cfg, tokenizer, attributes)
@@ -189,57 +182,29 @@ class BatchStream:
         self.position = state["position"]
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` is cuda when a GPU is visible (cuda:LOCAL_RANK under a launcher), else cpu."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        return device
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DifflmError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DifflmError(f"device {name!r} requested but no CUDA GPU is visible; use device=auto or cpu")
-    return device
-
-
-def check_loop_config(cfg: LoopConfig, section: str) -> None:
-    for name in ("batch_size", "max_steps", "log_every", "eval_every", "save_every"):
-        if getattr(cfg, name) < 1:
-            raise DifflmError(f"{section}.{name} must be positive, got {getattr(cfg, name)}")
-
-
 def _check(cfg: Config) -> None:
-    t = cfg.train
-    engine_config(t)
-    check_loop_config(t, "train")
-    if cfg.data.seq_len < 3:
-        raise DifflmError(f"data.seq_len must be at least 3 (START, one token, END), got {cfg.data.seq_len}")
-    m, d = cfg.model, cfg.diffusion
-    if m.hidden_size % m.num_heads:
-        raise DifflmError(f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
+    engine_config(cfg.train)
+    d = cfg.diffusion
     if d.schedule not in SCHEDULES:
         raise DifflmError(f"unknown diffusion.schedule {d.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if d.prediction not in PREDICTIONS:
         raise DifflmError(f"unknown diffusion.prediction {d.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
-    if d.num_steps < 1:
-        raise DifflmError(f"diffusion.num_steps must be positive, got {d.num_steps}")
     if cfg.data.modality not in ("text", "image"):
         raise DifflmError(f"unknown data.modality {cfg.data.modality!r}; choose text or image")
-    for name in ("attribute_dropout", "unconditional_prob"):
-        if not 0 <= getattr(m, name) <= 1:
-            raise DifflmError(f"model.{name} must be between 0 and 1, got {getattr(m, name)}")
 
 
-def train(cfg: Config, show_progress: bool = True, resume: bool = False) -> TrainResult:
+def train(cfg: Config, show_progress: bool = True, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Train a text diffusion model as configured; the EMA model is saved to `<out_dir>/model`.
-    With `resume`, continue exactly from `<out_dir>/checkpoint`."""
+    With `resume`, continue exactly from `<out_dir>/checkpoint`; an out_dir that already holds a run is refused
+    unless `resume` or `overwrite`. SIGTERM or SIGINT finishes the step, saves a checkpoint and raises
+    TrainingInterrupted."""
     _check(cfg)
-    state = load_checkpoint(cfg) if resume else None
     t = cfg.train
+    out = Path(t.out_dir)
+    check_out_dir(out, "train.out_dir", resume=resume, overwrite=overwrite)
+    state = load_checkpoint(cfg) if resume else None
+    if state and state["step"] >= t.max_steps:
+        return _already_complete(out, state["step"])
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
@@ -258,9 +223,8 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False) -> Trai
     ema_objective = setup.objective(ema.model)
     engine = make_engine(objective, t)
     main = rank() == 0  # under a launcher only rank 0 writes; each rank draws its own batches
-    out = Path(t.out_dir)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        start_out_dir(out, overwrite=overwrite and not resume)
         save_config(cfg, out / "config.yaml")
     g = torch.Generator(device=device).manual_seed(t.seed + rank())
     data = BatchStream(train_ids, t.batch_size, t.seed + rank())
@@ -279,12 +243,23 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False) -> Trai
     metrics_path = out / "metrics.jsonl" if main else Path(os.devnull)
     start = restore(state, cfg, model, ema, engine, data, g, metrics_path) if state else 0
     result = run_loop(engine, next_loss, evaluate, save, t, metrics_path, show_progress=show_progress and main,
-                      after_step=ema_updater(engine, ema, model), start_step=start)
+                      after_step=ema_updater(engine, ema, model), start_step=start,
+                      saved=f"checkpoint saved in {out / 'checkpoint'}", resumable=True)
     last_dev = result.last_eval.get("dev_loss_ema", float("nan"))
     log.info("trained %d steps in %.1f min; dev loss (EMA) %.4f; model saved to %s",
              result.steps, result.minutes, last_dev, out / "model")
     return TrainResult(model_dir=out / "model", steps=result.steps, stopped_by_time=result.stopped_by_time,
                        dev_loss=last_dev)
+
+
+def _already_complete(out: Path, steps: int) -> TrainResult:
+    """A resumed run that had already reached max_steps: say so, with its last dev loss; rewrite nothing."""
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "dev_loss_ema" in r] \
+        if (out / "metrics.jsonl").is_file() else []
+    last = evals[-1]["dev_loss_ema"] if evals else float("nan")
+    log.info("the run in %s is already complete (%d of %d steps); dev loss (EMA) %.4f at step %s; model in %s",
+             out, steps, steps, last, evals[-1]["step"] if evals else "?", out / "model")
+    return TrainResult(model_dir=out / "model", steps=steps, stopped_by_time=False, dev_loss=last)
 
 
 def loss_stream(objective: torch.nn.Module, engine, batches, generator: torch.Generator) -> Callable:
@@ -318,20 +293,23 @@ class LoopResult:
 
 def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Callable[[int], None], cfg: LoopConfig,
              metrics_path: Path, after_step: Optional[Callable[[int], None]] = None, show_progress: bool = True,
-             desc: str = "train", start_step: int = 0) -> LoopResult:
+             desc: str = "train", start_step: int = 0, saved: str = "", resumable: bool = False) -> LoopResult:
     """The loop shared by every trainer: step, log a JSON line every `log_every`, evaluate every `eval_every`,
-    save every `save_every`, and stop at `max_steps` or (saying so) after `max_minutes` of wall time.
+    save every `save_every`, and stop at `max_steps` or (saying so) after `max_minutes` of wall time. On SIGTERM
+    or SIGINT it finishes the step, evaluates, saves and raises TrainingInterrupted (a second signal ends the
+    process at once); under a launcher the ranks agree on the step to stop at.
 
     A step is one optimizer update over `engine.accumulation` micro-batches. `next_loss() -> (loss, {name: value})`
     draws a micro-batch and computes its loss; values may be tensors. Nothing is read back from the device
     between log, evaluation and save steps, so a GPU never waits for the host (a non-finite loss is noted on the
     device and reported at the next of those steps). A resumed run starts at `start_step` and appends to the
-    metrics file."""
+    metrics file. `saved` (what `save` wrote) and `resumable` (whether --resume continues it) go into the
+    TrainingInterrupted for the CLI's message."""
     start, step, stopped_by_time, last_eval = time.time(), start_step, False, {}
     accumulation = getattr(engine, "accumulation", 1)
     health = LossHealth()
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc=desc, disable=not show_progress, dynamic_ncols=True)
-    with open(metrics_path, "a" if start_step else "w") as metrics:
+    with open(metrics_path, "a" if start_step else "w") as metrics, StopSignals() as signals:
         while step < cfg.max_steps:
             losses, parts = [], []
             for _ in range(accumulation):
@@ -351,8 +329,11 @@ def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Ca
                           "grad_norm": float(grad_norm), "lr": engine.lr}
                 bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
             elapsed = (time.time() - start) / 60
-            stopped_by_time = bool(cfg.max_minutes) and step < cfg.max_steps and _time_is_up(elapsed, cfg, step)
-            if step % cfg.eval_every == 0 or step == cfg.max_steps or stopped_by_time:
+            time_up = bool(cfg.max_minutes) and elapsed >= cfg.max_minutes
+            stopped_by_time, signalled = (_stop_agreed(time_up, signals.received is not None, cfg, step)
+                                          if step < cfg.max_steps else (False, False))
+            stopping = stopped_by_time or signalled
+            if step % cfg.eval_every == 0 or step == cfg.max_steps or stopping:
                 health.check()
                 last_eval = evaluate()
                 record = {"step": step, **record, **last_eval}
@@ -362,15 +343,49 @@ def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Ca
                 record["elapsed_s"] = round(time.time() - start, 2)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-            if step % cfg.save_every == 0 or step == cfg.max_steps or stopped_by_time:
+            if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
                 health.check()  # never save weights that a non-finite loss has touched
                 save(step)
+            if signalled:
+                bar.close()
+                stop = TrainingInterrupted(signals.received or signal.SIGTERM, step, cfg.max_steps)
+                stop.saved, stop.resumable = saved, resumable
+                raise stop
             if stopped_by_time:
                 log.warning("stopping at step %d of %d: max_minutes=%g reached", step, cfg.max_steps, cfg.max_minutes)
                 break
     bar.close()
     return LoopResult(steps=step, stopped_by_time=stopped_by_time, minutes=(time.time() - start) / 60,
                       last_eval=last_eval)
+
+
+class StopSignals:
+    """SIGTERM (what schedulers send before they kill a job) and SIGINT (Ctrl-C) while training: the first one is
+    noted in `received` for the loop to stop at the end of its step; it also puts back the default actions, so a
+    second one ends the process at once. Outside the main thread (where signals cannot be caught) it does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    DEFAULTS = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        for s, action in self.DEFAULTS.items():
+            signal.signal(s, action)
+        log.warning("%s received: stopping after this step and saving a checkpoint (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for s, action in self.previous.items():
+            signal.signal(s, action)
 
 
 def _mean(values) -> float:
@@ -396,26 +411,29 @@ class LossHealth:
                               f"rate")
 
 
-def _time_is_up(elapsed_min: float, cfg: LoopConfig, step: int) -> bool:
-    """Whether to stop for the time limit. One process reads its clock every step; under a launcher the ranks
-    agree (a collective that waits for the device) every `log_every` steps, at the same steps on every rank."""
+def _stop_agreed(time_up: bool, signalled: bool, cfg: LoopConfig, step: int):
+    """(stop for the time limit, stop for a signal). One process decides every step; under a launcher the ranks
+    agree (a collective that waits for the device) every `log_every` steps, at the same steps on every rank, so
+    that all of them stop, and save, at one step."""
     if world_size() == 1:
-        return elapsed_min >= cfg.max_minutes
-    return step % cfg.log_every == 0 and _all_ranks_agree(elapsed_min >= cfg.max_minutes)
+        return time_up, signalled
+    if step % cfg.log_every:
+        return False, False
+    return tuple(_all_ranks_agree([time_up, signalled]))
 
 
 CHECKPOINT_FORMAT = 2
 
 
-def _all_ranks_agree(flag: bool) -> bool:
-    """True on every rank when it is true on any (so that all processes stop at the same step)."""
+def _all_ranks_agree(flags: List[bool]) -> List[bool]:
+    """Each flag true on every rank when it is true on any."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
+        return flags
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([int(flag)], device=device)
+    value = torch.tensor([int(f) for f in flags], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return [bool(v) for v in value.tolist()]
 
 
 def _barrier() -> None:

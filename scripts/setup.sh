@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install difflm into it (torch first: a CPU build, so deepspeed does not pull a CUDA one).
-# Idempotent: skips the installs when pyproject.toml has not changed since the last successful run.
+# Idempotent: skips the installs when pyproject.toml has not changed since the last successful run. pip's own
+# output goes to .venv/setup.log; the terminal gets one line (or, on failure, the log's end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,10 +11,19 @@ want="$(sha256sum pyproject.toml | cut -d' ' -f1) $TORCH_SPEC"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 start=$(date +%s)
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -vE "^WARNING: Location|BuildBackendWarning|^ *$" || true
-.venv/bin/python -c "import difflm, torch, transformers, datasets, deepspeed, evaluate" >/dev/null 2>&1 || {
-  echo "setup: difflm did not install cleanly into .venv" >&2; exit 1; }
+log=.venv/setup.log
+: > "$log"
+step() {  # run one install step into the log; on failure show what pip said
+  if ! "$@" >> "$log" 2>&1; then
+    echo "setup: '$*' failed; the end of $log:" >&2
+    tail -n 30 "$log" >&2
+    exit 1
+  fi
+}
+step .venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -c "import torch" 2>/dev/null || step .venv/bin/python -m pip install -q "$TORCH_SPEC"
+step .venv/bin/python -m pip install -q -e ".[test]"
+step .venv/bin/python -c "import difflm, torch, transformers, datasets, deepspeed, evaluate"
 echo "$want" > "$stamp"
-echo "setup: installed into .venv in $(( $(date +%s) - start )) s" >&2
+echo "setup: installed difflm, $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)') into .venv" \
+     "in $(( $(date +%s) - start )) s (pip's output: $log)" >&2

@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # Tests never touch the network: Hub lookups fail fast instead of hanging.
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -11,6 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+# One thread count for this process and the runs it starts, whatever the machine's core count: float32 kernels may
+# add in another order with another number of threads, and several tests compare runs step by step.
+THREADS = 2
+torch.set_num_threads(THREADS)
+
 
 def metric_values(out, key="loss"):
     """The values of `key` in a training run's metrics.jsonl, in logged order."""
@@ -19,11 +25,12 @@ def metric_values(out, key="loss"):
     return [r[key] for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
-def subprocess_env(**extra):
+def subprocess_env(threads: int = THREADS, **extra):
     """This environment without the distributed variables that an in-process DeepSpeed run set (a child would
-    otherwise try to join that process group's port)."""
+    otherwise try to join that process group's port), with `threads` torch threads per process (THREADS, as here,
+    for a run compared with one of this process; 1 for each of several processes on two cores)."""
     dist = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    return {**{k: v for k, v in os.environ.items() if k not in dist}, "OMP_NUM_THREADS": "1", **extra}
+    return {**{k: v for k, v in os.environ.items() if k not in dist}, "OMP_NUM_THREADS": str(threads), **extra}
 
 
 @pytest.fixture(scope="session")

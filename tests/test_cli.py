@@ -142,6 +142,12 @@ def test_dataset_directory_with_splits(tmp_path, capsys):
     ("diffusion.prediction=noise", "unknown diffusion.prediction 'noise'"),
     ("model.num_heads=3", "must be divisible by model.num_heads"),
     ("train.batch_size=0", "train.batch_size must be positive"),
+    ("train.lr=-1", "train.lr must be positive, got -1.0"),
+    ("model.hidden_size=0", "model.hidden_size must be positive, got 0"),
+    ("model.embed_dim=0", "model.embed_dim must be positive, got 0"),
+    ("train.ema_decay=1.5", "train.ema_decay must be in [0, 1], got 1.5"),
+    ("train.grad_clip=nan", "train.grad_clip must be zero or more, got nan"),
+    ("guidance.step_size=0", "guidance.step_size must be positive"),
 ])
 def test_bad_model_settings_fail_before_anything_is_written(tmp_path, capsys, override, message):
     assert_user_error(capsys, ["train", "--config", TINY, f"train.out_dir={tmp_path / 'o'}", override], message)

@@ -47,3 +47,51 @@ def test_wrong_type_is_named():
 
 def test_defaults():
     assert load_config() == Config()
+
+
+def _numeric_fields():
+    import dataclasses
+    import typing
+
+    for section in dataclasses.fields(Config):
+        cls = section.type if isinstance(section.type, type) else typing.get_type_hints(Config)[section.name]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] in (int, float):
+                yield section.name, cls, f.name, hints[f.name]
+
+
+def _outside(rng, typ):
+    """Values just outside a range (and the non-finite floats)."""
+    step = 1 if typ is int else 1e-3
+    values = [] if typ is int else ["nan", "inf", "-inf"]
+    if rng.low != float("-inf"):
+        values.append(rng.low if rng.low_open else rng.low - step)
+    if rng.high != float("inf"):
+        values.append(rng.high if rng.high_open else rng.high + step)
+    return values
+
+
+def test_every_numeric_field_has_a_range_and_values_outside_it_are_refused():
+    """Walk every int and float field of every section: each has a range, and a value just outside it (or a
+    non-finite float) is refused with the key's name, before anything else runs."""
+    fields = list(_numeric_fields())
+    assert len(fields) > 50
+    for section, cls, name, typ in fields:
+        rng = cls.range_of(name)
+        assert rng is not None, f"{section}.{name} has no range"
+        assert rng.holds(getattr(cls(), name)), f"the default of {section}.{name} is outside its range"
+        bad = _outside(rng, typ)
+        assert bad, f"{section}.{name}: a range with no limit refuses nothing"
+        for value in bad:
+            with pytest.raises(DifflmError, match=rf"config key {section}\.{name} must be .*, got"):
+                load_config(None, [f"{section}.{name}={value}"])
+
+
+def test_sections_built_in_python_are_checked_too():
+    from difflm.config import ModelConfig, TrainConfig
+
+    with pytest.raises(DifflmError, match="train.lr must be positive"):
+        TrainConfig(lr=-1.0)
+    with pytest.raises(DifflmError, match="model.hidden_size .* divisible by model.num_heads"):
+        ModelConfig(hidden_size=30, num_heads=4)

@@ -63,7 +63,8 @@ def test_elbo_terms_add_up():
         terms = image_elbo(model, px, g)
     torch.testing.assert_close(terms.total, terms.reconstruction + terms.prior + terms.diffusion)
     bpd = bits_per_dim(model, px, draws=4)
-    assert sum(bpd.terms_bits_per_dim.values()) == pytest.approx(bpd.bits_per_dim, rel=1e-9)
+    # the terms are float32 sums: they add up to float32's precision (the last digits depend on the CPU's kernels)
+    assert sum(bpd.terms_bits_per_dim.values()) == pytest.approx(bpd.bits_per_dim, rel=50 * torch.finfo(torch.float32).eps)
     assert set(bpd.terms_bits_per_dim) == {"reconstruction", "prior", "diffusion"}
 
 
@@ -161,7 +162,7 @@ def test_idx_files_and_bad_image_inputs(tmp_path, capsys):
            (["unet.channel_mults=1,x"], "unet.channel_mults must be positive integers"),
            (["data.source=builtin:faces"], "unknown builtin image set 'faces'")]
     for extra, message in bad:
-        code, _, err = run(capsys, *base, *extra, "--no-progress")
+        code, _, err = run(capsys, *base, f"train.out_dir={tmp_path / 'bad'}", *extra, "--no-progress")
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
     from difflm.image import _stack
 

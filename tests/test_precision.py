@@ -159,14 +159,37 @@ def test_compiled_denoiser_under_zero2_matches_the_eager_torch_engine(tmp_path):
     assert metric_values(tmp_path / "compiled") == pytest.approx(metric_values(tmp_path / "eager"), rel=1e-4)
 
 
+def deepspeed_fp16_answer(monkeypatch, supported: bool) -> None:
+    """Lift difflm's CUDA-only check for fp16 and make DeepSpeed's device check (on a CPU: does oneDNN have fp16
+    kernels? true on some x86 CPUs, false on others) give `supported`."""
+    from deepspeed.accelerator import get_accelerator
+
+    from difflm import engines
+
+    monkeypatch.setattr(engines, "check_precision", lambda name, option: None)
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: supported)
+
+
+def test_fp16_where_deepspeed_finds_no_fp16_is_a_one_line_error(tmp_path, monkeypatch):
+    """A device without fp16 (here any CPU, told so) is refused before anything is written, not with DeepSpeed's
+    'Type fp16 is not supported on your device' traceback."""
+    from difflm.errors import DifflmError
+
+    deepspeed_fp16_answer(monkeypatch, supported=False)
+    with pytest.raises(DifflmError, match="no fp16 support on this device; use bf16 or fp32"):
+        run(tmp_path / "o", "train.engine=deepspeed", "train.precision=fp16")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_fp16_uses_deepspeeds_loss_scaling_and_clips_the_true_gradient(tmp_path, monkeypatch, stage):
     """fp16 runs in DeepSpeed's own fp16 mode: the gradient norm it clips and logs is the unscaled one (as in
-    fp32), not x65536 as under its torch-autocast fp16 with ZeRO-1/2."""
-    from difflm import engines
-
-    monkeypatch.setattr(engines, "check_precision", lambda name, option: None)  # fp16 needs CUDA otherwise
-    run(tmp_path / "fp16", "train.engine=deepspeed", "train.precision=fp16", f"train.zero_stage={stage}")
+    fp32), not x65536 as under its torch-autocast fp16 with ZeRO-1/2. Runs on every x86 CPU: oneDNN is switched off,
+    so the fp16 arithmetic goes through torch's own kernels (which every CPU has) and DeepSpeed is told fp16 is
+    there."""
+    deepspeed_fp16_answer(monkeypatch, supported=True)
+    with torch.backends.mkldnn.flags(enabled=False):
+        run(tmp_path / "fp16", "train.engine=deepspeed", "train.precision=fp16", f"train.zero_stage={stage}")
     run(tmp_path / "fp32", "train.engine=deepspeed", f"train.zero_stage={stage}")
     fp16, fp32 = metric_values(tmp_path / "fp16", "grad_norm"), metric_values(tmp_path / "fp32", "grad_norm")
     assert fp16[0] == pytest.approx(fp32[0], rel=0.05)

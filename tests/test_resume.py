@@ -66,30 +66,45 @@ def test_resume_errors(tmp_path, capsys):
     assert_user_error(capsys, base, "nothing to resume")
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_process_deepspeed_resume_follows_the_uninterrupted_run(tmp_path, stage):
-    """Under torchrun: a run stopped early (by its time limit, checkpoint included) and resumed with --resume logs
-    the same losses as one never stopped; each rank's data position and RNGs come back from its own file."""
+@pytest.mark.parametrize("stage,stop", [(2, "time"), (3, "SIGTERM")])
+def test_two_process_deepspeed_resume_follows_the_uninterrupted_run(tmp_path, stage, stop):
+    """Under torchrun: a run stopped early, by its time limit or by SIGTERM to the launcher (which passes it on to
+    every rank), saves one checkpoint from a step all ranks agreed on; resumed with --resume it logs the same losses
+    as one never stopped; each rank's data position and RNGs come back from its own file."""
     import socket
 
-    def torchrun(out, *extra):
+    def torchrun(out, *extra, signal_after_steps=None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", str(port), "-m", "difflm.cli", "train", "--config", TINY,
-                               f"train.out_dir={out}", "train.engine=deepspeed", f"train.zero_stage={stage}",
-                               "train.max_steps=30", "train.save_every=10", "train.log_every=1",
-                               "train.eval_every=15", "model.dropout=0.1", *extra, "--no-progress"],
-                              capture_output=True, text=True, env=subprocess_env(), timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", str(port), "-m", "difflm.cli", "train", "--config", TINY,
+                                 f"train.out_dir={out}", "train.engine=deepspeed", f"train.zero_stage={stage}",
+                                 "train.max_steps=30", "train.save_every=10", "train.log_every=1",
+                                 "train.eval_every=15", "model.dropout=0.1", *extra, "--no-progress"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(threads=1))
+        if signal_after_steps:
+            deadline = time.time() + 240
+            while not ((out / "metrics.jsonl").is_file()
+                       and len((out / "metrics.jsonl").read_text().splitlines()) >= signal_after_steps):
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+        return proc.returncode, err
 
-    torchrun(tmp_path / "straight")
+    code, err = torchrun(tmp_path / "straight")
+    assert code == 0, err[-3000:]
     stopped = tmp_path / "stopped"
-    torchrun(stopped, "train.max_minutes=0.00001")  # stops after its first step, saving a checkpoint
+    if stop == "time":
+        code, err = torchrun(stopped, "train.max_minutes=0.00001")  # stops after its first step, saving a checkpoint
+        assert code == 0, err[-3000:]
+    else:
+        code, err = torchrun(stopped, signal_after_steps=2)
+        assert code != 0 and "difflm: stopped by SIGTERM at step" in err and "--resume" in err, err[-3000:]
     first = sorted(logged(stopped))
     assert first and first[-1] < 30 and sorted(p.name for p in (stopped / "checkpoint").iterdir()) == [
         "engine", "rank0.pt", "rank1.pt", "trainer_state.pt"]
-    torchrun(stopped, "--resume")
+    code, err = torchrun(stopped, "--resume")
+    assert code == 0, err[-3000:]
     assert logged(stopped) == pytest.approx(logged(tmp_path / "straight"), rel=1e-6, abs=0)

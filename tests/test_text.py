@@ -134,9 +134,16 @@ def test_compiled_sampling_draws_the_same_samples(tokenizer):
     feeds each output back in, which a CUDA-graph replay would overwrite without the clone."""
     torch.manual_seed(0)
     model = small_model(tokenizer, **{"model.self_condition": "true"})
-    eager = generate(model, tokenizer, 3, steps=6, sampler="ddim", seed=1, batch_size=2)
-    compiled = generate(model, tokenizer, 3, steps=6, sampler="ddim", seed=1, batch_size=2, compile=True)
-    assert [s.ids for s in compiled] == [s.ids for s in eager]
+    runs = {}
+    for compile in (False, True):
+        runs[compile] = []
+        generate(model, tokenizer, 3, steps=6, sampler="ddim", seed=1, batch_size=2, compile=compile,
+                 callback=lambda state, seen=runs[compile]: seen.append(state.x0_hat.clone()))
+    # the same latents at every step, to float32's precision (compiled kernels add in another order, so tokens of
+    # an untrained model, whose rounding logits nearly tie, could differ)
+    assert len(runs[True]) == len(runs[False]) == 12
+    for compiled, eager in zip(runs[True], runs[False]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_sampling_keeps_the_sampler_in_fp32(tokenizer, monkeypatch):

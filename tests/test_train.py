@@ -9,7 +9,8 @@ import torch
 from difflm.config import TrainConfig, load_config
 from difflm.errors import DifflmError
 from difflm.engines import lr_factor
-from difflm.train import EMA, BatchStream, resolve_device, train
+from difflm.runtime import resolve_device
+from difflm.train import EMA, BatchStream, train
 
 from conftest import ROOT
 
