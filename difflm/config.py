@@ -112,6 +112,9 @@ class DataConfig(Section):
               "image_channels": Range(1), "image_size": Range(1)}
 
 
+OUTPUTS = ("embedding", "logits")
+
+
 @dataclass(frozen=True)
 class ModelConfig(Section):
     embed_dim: int = 16
@@ -125,14 +128,23 @@ class ModelConfig(Section):
     attributes: bool = False  # condition on the meaning representation's field=value pairs (classifier-free guidance)
     attribute_dropout: float = 0.5  # each attribute dropped at random in training (so any subset can be asked for)
     unconditional_prob: float = 0.1  # and all of them dropped this often (the unconditional model)
+    # the recipe after Diffusion-LM (CDCD, Plaid): see modeling.TextDiffusionModel and text.text_loss
+    output: str = "embedding"  # embedding (Diffusion-LM: the denoiser regresses x0) or logits (x0 = softmax(logits) E)
+    embedding_norm: bool = False  # rows of E L2-normalised and scaled by sqrt(embed_dim) (CDCD), so they cannot shrink
+    mse_weight: float = 1.0  # weight of the squared x0 error (Diffusion-LM's L_simple)
+    ce_weight: float = 0.0  # weight of the cross-entropy of the x0 logits against the tokens (CDCD's score interpolation)
 
     section = "model"
     ranges = {"embed_dim": Range(1), "hidden_size": Range(1), "num_layers": Range(1), "num_heads": Range(1),
               "intermediate_size": Range(1), "dropout": DROPOUT, "attribute_dropout": PROBABILITY,
-              "unconditional_prob": PROBABILITY}
+              "unconditional_prob": PROBABILITY, "mse_weight": NON_NEGATIVE, "ce_weight": NON_NEGATIVE}
 
     def check(self) -> None:
         _divisible(self)
+        if self.output not in OUTPUTS:
+            raise DifflmError(f"unknown model.output {self.output!r}; choose one of {', '.join(OUTPUTS)}")
+        if self.mse_weight == 0 and self.ce_weight == 0:
+            raise DifflmError("model.mse_weight and model.ce_weight are both 0: nothing would train the denoiser")
 
 
 @dataclass(frozen=True)
@@ -154,9 +166,19 @@ class DiffusionConfig(Section):
     schedule: str = "sqrt"
     num_steps: int = 2000
     prediction: str = "x0"
+    log_snr_max: float = 10.0  # log-SNR at t = 0 and t = 1, for the logsnr-linear and learned schedules
+    log_snr_min: float = -10.0
+    noise_scale: float = 1.0  # noise F times stronger against the signal: log-SNR shifted by -2 log F (Difformer)
+    time_warp_bins: int = 0  # > 0: t drawn through CDCD's time warping, a CDF of the loss over t with this many bins
 
     section = "diffusion"
-    ranges = {"num_steps": Range(1)}
+    ranges = {"num_steps": Range(1), "log_snr_max": Range(), "log_snr_min": Range(), "noise_scale": POSITIVE,
+              "time_warp_bins": NON_NEGATIVE}
+
+    def check(self) -> None:
+        if self.log_snr_max <= self.log_snr_min:
+            raise DifflmError(f"diffusion.log_snr_max ({self.log_snr_max:g}) must be above diffusion.log_snr_min "
+                              f"({self.log_snr_min:g}): the signal falls as t grows")
 
 
 @dataclass(frozen=True)

@@ -246,3 +246,68 @@ class GaussianDiffusion(nn.Module):
             x_t = self.q_sample(x0, t, noise)
             diff = self.diffusion_term(x0, self.predict_x0(model_fn(x_t, t), x_t, t), t)
         return ELBOTerms(reconstruction=recon, prior=self.prior_kl(x0), diffusion=diff)
+
+
+class TimeWarp(nn.Module):
+    """CDCD's time warping (Dieleman et al. 2022, sec. 3.3): training times drawn where the loss changes.
+
+    The loss of the x0 estimate, L(t), rises from about 0 (no noise) to its maximum (all noise). Its normalised
+    form F(t) = L(t) / L(1) is a CDF over t; drawing u ~ U(0, 1) and t = F^-1(u) puts training where the
+    denoiser's task changes fastest (density F'(t)), which uniform t spends mostly on near-trivial and
+    hopeless noise levels. F is piecewise linear on `bins` equal bins of t: `level[b]` is a running mean of the
+    loss at times in bin b, taken as L at the bin's right edge (L(0) = 0), made monotone by a running maximum;
+    each bin keeps at least `floor` / bins of the mass, so that no noise level goes untrained. The buffers are
+    saved with the model (and its checkpoint), so a resumed run draws the same times and a sampler can put its
+    grid through the same F (t_k = F^-1(k / K)).
+    """
+
+    def __init__(self, bins: int, rate: float = 0.01, floor: float = 0.05):
+        super().__init__()
+        self.bins, self.rate, self.floor = bins, rate, floor
+        self.register_buffer("level", torch.zeros(bins))  # running mean of the loss in each bin
+        self.register_buffer("seen", torch.zeros(bins))  # 1 once a bin has had a sample
+
+    def masses(self) -> torch.Tensor:
+        """Probability of each bin (bins,): F's increase across it, mixed with `floor` of the uniform."""
+        level = self.level.float()
+        uniform = torch.full_like(level, 1.0 / self.bins)
+        rising = torch.cummax(level, 0).values
+        steps = torch.diff(rising, prepend=torch.zeros_like(rising[:1])).clamp(min=0)
+        total = steps.sum()
+        # uniform until every bin has been seen (tensor selects: no value is read back to the host)
+        shape = torch.where((total > 0) & self.seen.bool().all(), steps / total.clamp(min=1e-30), uniform)
+        return (1 - self.floor) * shape + self.floor / self.bins
+
+    def cdf(self, t: torch.Tensor) -> torch.Tensor:
+        """F(t) for t in [0, 1], piecewise linear."""
+        m = self.masses().to(t.device, torch.float64)
+        knots = torch.cat([torch.zeros(1, dtype=m.dtype, device=m.device), torch.cumsum(m, 0)])
+        pos = t.double().clamp(0, 1) * self.bins
+        b = pos.floor().long().clamp(max=self.bins - 1)
+        return (knots[b] + (pos - b) * m[b]).to(t.dtype)
+
+    def inverse_cdf(self, u: torch.Tensor) -> torch.Tensor:
+        """F^-1(u) for u in [0, 1]: the time whose CDF value is u."""
+        m = self.masses().to(u.device, torch.float64)
+        knots = torch.cumsum(m, 0)
+        uu = u.double().clamp(0, 1)
+        b = torch.searchsorted(knots, uu, right=True).clamp(max=self.bins - 1)
+        below = torch.where(b > 0, knots[(b - 1).clamp(min=0)], torch.zeros_like(uu))
+        return ((b + (uu - below) / m[b]) / self.bins).clamp(0, 1).to(u.dtype)
+
+    @torch.no_grad()
+    def update(self, t: torch.Tensor, loss: torch.Tensor) -> None:
+        """Fold a batch's per-example losses (B,) at times t (B,) into the bins' running means."""
+        b = (t.detach().float() * self.bins).long().clamp(0, self.bins - 1)
+        total = torch.zeros(self.bins, device=t.device).index_add_(0, b, loss.detach().float())
+        count = torch.zeros(self.bins, device=t.device).index_add_(0, b, torch.ones_like(total[b]))
+        mean = total / count.clamp(min=1)
+        hit = count > 0
+        first = hit & ~self.seen.bool()
+        new = torch.where(first, mean, self.level + self.rate * (mean - self.level))
+        self.level.copy_(torch.where(hit, new, self.level))
+        self.seen.copy_(torch.maximum(self.seen, hit.to(self.seen.dtype)))
+
+    def sample(self, batch: int, device, generator=None, dtype=torch.float32) -> torch.Tensor:
+        """t = F^-1(u), u ~ U(0, 1): (batch,)."""
+        return self.inverse_cdf(torch.rand(batch, device=device, generator=generator, dtype=dtype))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedModel
 
-from .diffusion import GaussianDiffusion
+from .diffusion import GaussianDiffusion, TimeWarp
 from .precision import latent_dtype
 from .rounding import rounding_logits
 from .schedules import get_schedule
@@ -30,7 +30,9 @@ class TextDiffusionConfig(PretrainedConfig):
                  schedule: str = "sqrt", num_steps: int = 2000, prediction: str = "x0",
                  start_id: int = 0, end_id: int = 1, pad_id: int = 2, denoiser_attn: str = "sdpa",
                  self_condition: bool = False, attributes: Optional[list] = None, attribute_dropout: float = 0.5,
-                 unconditional_prob: float = 0.1, **kwargs):
+                 unconditional_prob: float = 0.1, output: str = "embedding", embedding_norm: bool = False,
+                 log_snr_max: float = 10.0, log_snr_min: float = -10.0, noise_scale: float = 1.0,
+                 time_warp_bins: int = 0, mse_weight: float = 1.0, ce_weight: float = 0.0, **kwargs):
         self.vocab_size, self.seq_len, self.embed_dim = vocab_size, seq_len, embed_dim
         self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
         self.intermediate_size, self.dropout = intermediate_size, dropout
@@ -40,7 +42,14 @@ class TextDiffusionConfig(PretrainedConfig):
         # classifier-free guidance: the `field=value` attributes the model is conditioned on (empty: none)
         self.attributes = list(attributes or [])
         self.attribute_dropout, self.unconditional_prob = attribute_dropout, unconditional_prob
+        self.output, self.embedding_norm = output, embedding_norm  # the denoiser's head; E's normalisation
+        self.log_snr_max, self.log_snr_min, self.noise_scale = log_snr_max, log_snr_min, noise_scale
+        self.time_warp_bins = time_warp_bins  # 0: uniform t in training
+        self.mse_weight, self.ce_weight = mse_weight, ce_weight  # the training loss (text.text_loss)
         super().__init__(**kwargs)
+
+    def build_schedule(self):
+        return get_schedule(self.schedule, self.log_snr_max, self.log_snr_min, self.noise_scale)
 
     def denoiser_config(self) -> BertConfig:
         return BertConfig(vocab_size=1, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
@@ -86,8 +95,11 @@ class TextDiffusionModel(PreTrainedModel):
         # a multi-hot attribute vector, added to the time embedding; all zeros is the unconditional model
         self.attribute_embed = nn.Linear(len(config.attributes), h, bias=False) if config.attributes else None
         self.denoiser = BertModel(config.denoiser_config(), add_pooling_layer=False)
-        self.output_proj = nn.Sequential(nn.Linear(h, h), nn.Tanh(), nn.Linear(h, d))
-        self.diffusion = GaussianDiffusion(get_schedule(config.schedule), config.num_steps, config.prediction)
+        # the head: x0 itself (Diffusion-LM), or logits over the vocabulary whose expected embedding is x0 (CDCD)
+        out = config.vocab_size if config.output == "logits" else d
+        self.output_proj = nn.Sequential(nn.Linear(h, h), nn.Tanh(), nn.Linear(h, out))
+        self.diffusion = GaussianDiffusion(config.build_schedule(), config.num_steps, config.prediction)
+        self.time_warp = TimeWarp(config.time_warp_bins) if config.time_warp_bins else None
         self.post_init()
 
     def _init_weights(self, module):
@@ -103,20 +115,39 @@ class TextDiffusionModel(PreTrainedModel):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    def embedding_matrix(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """E (V, d), the word embeddings diffusion runs on, in `dtype` (default: the latent dtype). With
+        config.embedding_norm each row is e_w / ||e_w|| * sqrt(d) (CDCD, Dieleman et al. 2022, sec. 3.2): of the
+        norm of a standard normal vector, so that training can neither shrink the embeddings below the noise
+        (which makes denoising trivial and the rounding ambiguous) nor inflate them."""
+        weight = self.embedding.weight.to(dtype or latent_dtype(self.embedding.weight))
+        if not self.config.embedding_norm:
+            return weight
+        return nn.functional.normalize(weight, dim=-1) * math.sqrt(self.config.embed_dim)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Emb(w) in the latent dtype (fp32 also when the weights are bf16): (B, L) -> (B, L, d)."""
-        return self.embedding(ids).to(latent_dtype(self.embedding.weight))
+        return nn.functional.embedding(ids, self.embedding_matrix())
 
     def rounding_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The tied rounding head's matrix E (V, d) in the latents' dtype."""
-        return self.embedding.weight.to(dtype)
+        return self.embedding_matrix(dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return rounding_logits(x, self.rounding_weight(x.dtype))  # (B, L, V)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, x0_self: Optional[torch.Tensor] = None,
-                attributes: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attributes: Optional[torch.Tensor] = None, return_logits: bool = False):
         """The denoiser's output (an x0 / eps / score / v prediction per config.prediction): (B, L, d).
+
+        With config.output=logits the network outputs logits (B, L, V) over the vocabulary at every position, and
+        its x0 estimate is the expected embedding under them (CDCD's score interpolation, Dieleman et al. 2022
+        eq. 3; Plaid's categorical reparameterization):
+
+            x0_hat(x_t, t) = softmax(logits(x_t, t)) E,
+
+        returned like any x0 prediction (so sampling, clamping, guidance and the bound take it unchanged);
+        `return_logits` returns (output, logits) with the logits in fp32 (None for config.output=embedding).
 
         With `config.self_condition` (Chen et al. 2023, "Analog Bits") the network also reads `x0_self`, its own
         previous estimate of x0 (zeros when absent). A model with `config.attributes` reads `attributes`, a
@@ -131,7 +162,12 @@ class TextDiffusionModel(PreTrainedModel):
             x = torch.cat([x_t, torch.zeros_like(x_t) if x0_self is None else x0_self.to(x_t.dtype)], -1)  # (B, L, 2d)
         h = self.input_proj(x.to(temb.dtype)) + temb[:, None, :]  # (B, L, H); BERT adds positions + LayerNorm
         h = self.denoiser(inputs_embeds=h).last_hidden_state  # (B, L, H)
-        return self.output_proj(h).to(x_t.dtype)  # (B, L, d)
+        out = self.output_proj(h)  # (B, L, d), or (B, L, V) logits
+        if self.config.output != "logits":
+            return (out.to(x_t.dtype), None) if return_logits else out.to(x_t.dtype)
+        logits = out.float()
+        x0 = torch.softmax(logits, dim=-1).to(x_t.dtype) @ self.embedding_matrix(x_t.dtype)  # (B, L, d)
+        return (x0, logits) if return_logits else x0
 
 
 def register_auto_classes(config_class, model_class) -> None:

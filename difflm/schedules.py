@@ -165,11 +165,30 @@ class Learned(Schedule):
         return self.alpha_bar(grid)
 
 
+class NoiseScaled(Schedule):
+    """A schedule whose noise is `noise_scale` (F) times stronger relative to the signal (Difformer's noise factor,
+    Gao et al. 2022, in variance-preserving form): SNR(t) = SNR_base(t) / F^2, i.e.
+    log_snr(t) = log_snr_base(t) - 2 log F. F > 1 keeps more noise at small t, where embeddings of large norm
+    would otherwise be all but noise-free (the denoiser's task there trivial)."""
+
+    def __init__(self, base: Schedule, noise_scale: float):
+        super().__init__()
+        self.base, self.shift = base, -2.0 * math.log(noise_scale)
+        self.name = base.name
+
+    def log_snr(self, t):
+        return self.base.log_snr(t) + self.shift
+
+
 SCHEDULES = {cls.name: cls for cls in (Linear, Cosine, Sqrt, LogSNRLinear, Learned)}
+ENDPOINT_SCHEDULES = ("logsnr-linear", "learned")  # the schedules whose log-SNR endpoints are parameters
 
 
-def get_schedule(name: str) -> Schedule:
-    """The schedule called `name` with its default parameters."""
+def get_schedule(name: str, log_snr_max: float = 10.0, log_snr_min: float = -10.0,
+                 noise_scale: float = 1.0) -> Schedule:
+    """The schedule called `name`; `log_snr_max` / `log_snr_min` are the log-SNR at t = 0 and t = 1 of those that
+    take endpoints (ENDPOINT_SCHEDULES), and `noise_scale` != 1 wraps it in NoiseScaled."""
     if name not in SCHEDULES:
         raise DifflmError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
-    return SCHEDULES[name]()
+    schedule = (SCHEDULES[name](log_snr_max, log_snr_min) if name in ENDPOINT_SCHEDULES else SCHEDULES[name]())
+    return schedule if noise_scale == 1.0 else NoiseScaled(schedule, noise_scale)

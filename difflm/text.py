@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, List, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .data import decode
 from .errors import DifflmError, loading
@@ -18,17 +19,19 @@ from .sampling import check_request, sample
 
 
 class TextLoss(NamedTuple):
-    """Batch means of Diffusion-LM's end-to-end loss and its parts (per token position). A named tuple, so that
-    DeepSpeed's ZeRO-3 finds the tensors in a module's output and hooks their backward."""
+    """Batch means of the text loss and its parts (per token position). A named tuple, so that DeepSpeed's ZeRO-3
+    finds the tensors in a module's output and hooks their backward."""
 
     loss: torch.Tensor  # scalar, differentiable
-    denoising: torch.Tensor
+    denoising: torch.Tensor  # the squared x0 error (unweighted)
     rounding: torch.Tensor
     prior: torch.Tensor
+    cross_entropy: torch.Tensor  # of the x0 logits at time t against the tokens (unweighted)
 
     def parts(self) -> dict:
         """The parts as 0-dim tensors (read back only when logged)."""
-        return {"denoising": self.denoising, "rounding": self.rounding, "prior": self.prior}
+        return {"denoising": self.denoising, "rounding": self.rounding, "prior": self.prior,
+                "cross_entropy": self.cross_entropy}
 
 
 @dataclass
@@ -51,7 +54,15 @@ def embed_with_noise(model: TextDiffusionModel, ids: torch.Tensor,
 
 def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[torch.Generator] = None,
               attributes: Optional[torch.Tensor] = None) -> TextLoss:
-    """Diffusion-LM's end-to-end objective (Li et al. 2022, eq. 2) for token ids (B, L).
+    """The text objective for token ids (B, L): Diffusion-LM's end-to-end loss (Li et al. 2022, eq. 2), with the
+    cross-entropy of CDCD / Plaid beside it,
+
+        loss = mse_weight * ||x0 - x0_hat(x_t, t)||^2 + ce_weight * -log softmax(logits(x_t, t))[w]
+               + rounding + prior,
+
+    where the logits are the denoiser's own (config.output=logits, x0_hat = softmax(logits) E) or the tied
+    rounding head's on x0_hat (config.output=embedding). t is uniform, or drawn through the model's TimeWarp,
+    which this loss keeps fitted to the cross-entropy (the squared error where ce_weight is 0).
 
     The latent chain is w -> x0 -> x_1 .. x_T with q(x0 | w) = N(Emb(w), (1 - abar_1) I): the embedding plus
     the schedule's first-step noise. The ELBO of log p(w) is then (Luo 2022 eq. 45 with the extra x0 level)
@@ -70,21 +81,48 @@ def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
     config.attribute_dropout and all of them with config.unconditional_prob, so that one network learns
     p(x | any subset of the attributes) and p(x) for classifier-free guidance.
     """
-    diffusion = model.diffusion
+    diffusion, cfg = model.diffusion, model.config
     latent = embed_with_noise(model, ids, generator)
     emb, x0, b = latent.emb, latent.x0, ids.shape[0]
     t1 = diffusion.first_t(b, ids.device, emb.dtype)
-    t = diffusion.sample_t(b, ids.device, generator=generator, dtype=emb.dtype)
+    t = training_times(model, b, generator, emb.dtype)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     if attributes is not None:
         attributes = _drop_attributes(model.config, attributes, generator)
-    out = diffusion.denoise(_training_model_fn(model, generator, attributes), x0, t, noise)
+    logits = []  # the network's logits of this call (config.output=logits)
+    out = diffusion.denoise(_training_model_fn(model, generator, attributes, logits), x0, t, noise)
     first_step = ((emb - out.x0_hat) ** 2).mean(dim=(1, 2))
-    denoising = torch.where(t == t1, first_step, out.loss).mean()
+    squared = torch.where(t == t1, first_step, out.loss)  # (B,)
+    logits = logits[0] if logits else model.logits(out.x0_hat).float()
+    ce = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(dim=1)  # (B,)
+    if model.time_warp is not None and model.training:
+        model.time_warp.update(t, ce if cfg.ce_weight else squared)
+    denoising, cross_entropy = squared.mean(), ce.mean()
     rounding = rounding_nll(x0, model.rounding_weight(x0.dtype), ids).mean() / ids.shape[1]
     prior = diffusion.prior_kl(x0).mean() / x0[0].numel()
-    return TextLoss(loss=denoising + rounding + prior, denoising=denoising.detach(), rounding=rounding.detach(),
-                    prior=prior.detach())
+    loss = rounding + prior
+    if cfg.mse_weight:
+        loss = loss + cfg.mse_weight * denoising
+    if cfg.ce_weight:
+        loss = loss + cfg.ce_weight * cross_entropy
+    return TextLoss(loss=loss, denoising=denoising.detach(), rounding=rounding.detach(), prior=prior.detach(),
+                    cross_entropy=cross_entropy.detach())
+
+
+def training_times(model: TextDiffusionModel, batch: int, generator: Optional[torch.Generator],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Training times (B,): uniform (diffusion.sample_t), or, for a model in training mode, through its TimeWarp; in
+    discrete time a warped draw is moved up to the next step i/T (i >= 1). In eval mode (the dev loss) t stays
+    uniform, so that dev losses stay comparable while the warp moves."""
+    d, device = model.diffusion, model.embedding.weight.device
+    if model.time_warp is None or not model.training:
+        return d.sample_t(batch, device, generator=generator, dtype=dtype)
+    t = model.time_warp.sample(batch, device, generator=generator, dtype=torch.float64)
+    if d.discrete:
+        t = torch.ceil(t * d.num_steps).clamp(1, d.num_steps) / d.num_steps
+    else:
+        t = d.t_min + (1 - d.t_min) * t
+    return t.to(dtype)
 
 
 def _drop_attributes(cfg: TextDiffusionConfig, attributes: torch.Tensor, generator) -> torch.Tensor:
@@ -95,19 +133,22 @@ def _drop_attributes(cfg: TextDiffusionConfig, attributes: torch.Tensor, generat
 
 
 def _training_model_fn(model: TextDiffusionModel, generator: Optional[torch.Generator],
-                       attributes: Optional[torch.Tensor] = None):
+                       attributes: Optional[torch.Tensor] = None, logits: Optional[list] = None):
     """The model as a model_fn; with self-conditioning, half the batches first make an x0 estimate without
-    gradient and condition on it, so the network learns both to start and to refine (Chen et al. 2023)."""
-    if not model.config.self_condition:
-        return lambda x_t, t: model(x_t, t, attributes=attributes)
-    use = torch.rand((), generator=generator, device=generator.device if generator else None) < 0.5
+    gradient and condition on it, so the network learns both to start and to refine (Chen et al. 2023). The
+    network's logits (config.output=logits) of the differentiable call are appended to `logits`."""
+    use = model.config.self_condition and torch.rand(
+        (), generator=generator, device=generator.device if generator else None) < 0.5
 
     def model_fn(x_t, t):
-        if not use:
-            return model(x_t, t, attributes=attributes)
-        with torch.no_grad():
-            x0_self = model.diffusion.predict_x0(model(x_t, t, attributes=attributes), x_t, t)
-        return model(x_t, t, x0_self=x0_self, attributes=attributes)
+        x0_self = None
+        if use:
+            with torch.no_grad():
+                x0_self = model.diffusion.predict_x0(model(x_t, t, attributes=attributes), x_t, t)
+        out, out_logits = model(x_t, t, x0_self=x0_self, attributes=attributes, return_logits=True)
+        if out_logits is not None and logits is not None:
+            logits.append(out_logits)
+        return out
 
     return model_fn
 

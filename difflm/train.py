@@ -31,7 +31,7 @@ from .errors import DifflmError, TrainingInterrupted
 from .files import check_out_dir, start_out_dir
 from .modeling import TextDiffusionConfig, TextDiffusionModel
 from .runtime import Setup, rank, resolve_device, world_size
-from .schedules import SCHEDULES
+from .schedules import ENDPOINT_SCHEDULES, SCHEDULES
 from .text import TextObjective, save_model
 
 log = logging.getLogger("difflm")
@@ -47,7 +47,8 @@ class TrainResult:
 
 
 class EMA:
-    """Exponential moving average of the weights, with the usual warm-up min(decay, (1 + n) / (10 + n))."""
+    """Exponential moving average of the weights, with the usual warm-up min(decay, (1 + n) / (10 + n)); buffers
+    are copied as they are."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -59,6 +60,8 @@ class EMA:
         ema = list(self.model.parameters())
         # one multi-tensor kernel, not one per parameter; the average stays fp32 when the weights are bf16/fp16
         torch._foreach_lerp_(ema, [p.to(e.dtype) for e, p in zip(ema, model.parameters())], 1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):  # state such as the time warp's fit: as trained
+            e.copy_(b)
 
 
 def prepare_data(cfg: Config, tokenizer=None, texts: Optional[TextSplits] = None):
@@ -94,15 +97,17 @@ def attribute_vectors(mrs: List[str], names: List[str]) -> torch.Tensor:
 def model_config(cfg: Config, vocab_size: int, special: tuple = (0, 1, 2),
                  attention: Optional[str] = None, attributes: Optional[List[str]] = None) -> TextDiffusionConfig:
     """The Hugging Face config of the text model that `cfg` describes; `special` is (start, end, pad)."""
-    m, start, end, pad = cfg.model, *special
+    m, d, start, end, pad = cfg.model, cfg.diffusion, *special
     return TextDiffusionConfig(vocab_size=vocab_size, seq_len=cfg.data.seq_len, embed_dim=m.embed_dim,
                                hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
                                intermediate_size=m.intermediate_size, dropout=m.dropout,
-                               schedule=cfg.diffusion.schedule, num_steps=cfg.diffusion.num_steps,
-                               prediction=cfg.diffusion.prediction, start_id=start, end_id=end, pad_id=pad,
+                               schedule=d.schedule, num_steps=d.num_steps, prediction=d.prediction, start_id=start, end_id=end, pad_id=pad,
                                denoiser_attn=attention or m.attn_implementation, self_condition=m.self_condition,
                                attributes=attributes, attribute_dropout=m.attribute_dropout,
-                               unconditional_prob=m.unconditional_prob)
+                               unconditional_prob=m.unconditional_prob, output=m.output,
+                               embedding_norm=m.embedding_norm, mse_weight=m.mse_weight, ce_weight=m.ce_weight,
+                               log_snr_max=d.log_snr_max, log_snr_min=d.log_snr_min, noise_scale=d.noise_scale,
+                               time_warp_bins=d.time_warp_bins)
 
 
 def build_model(cfg: Config, tokenizer, attributes: Optional[List[str]] = None) -> TextDiffusionModel:
@@ -191,6 +196,25 @@ def _check(cfg: Config) -> None:
         raise DifflmError(f"unknown diffusion.prediction {d.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
     if cfg.data.modality not in ("text", "image"):
         raise DifflmError(f"unknown data.modality {cfg.data.modality!r}; choose text or image")
+    _check_recipe(cfg)
+
+
+def _check_recipe(cfg: Config) -> None:
+    """Options of the recipe that contradict one another: a one-line error naming both keys."""
+    m, d = cfg.model, cfg.diffusion
+    if m.output == "logits" and d.prediction != "x0":
+        raise DifflmError(f"model.output=logits makes the denoiser predict x0 (softmax(logits) E); it contradicts "
+                          f"diffusion.prediction={d.prediction}: set diffusion.prediction=x0")
+    if d.time_warp_bins and d.num_steps is not None and d.time_warp_bins > d.num_steps:
+        raise DifflmError(f"diffusion.time_warp_bins={d.time_warp_bins} is finer than diffusion.num_steps="
+                          f"{d.num_steps}: some bins would hold no step; use at most num_steps bins")
+    if d.time_warp_bins and d.schedule == "learned":
+        raise DifflmError("diffusion.time_warp_bins warps t against the loss while diffusion.schedule=learned moves "
+                          "the noise levels under it; use one of the two")
+    endpoints = (d.log_snr_max, d.log_snr_min) != (10.0, -10.0)
+    if endpoints and d.schedule not in ENDPOINT_SCHEDULES:
+        raise DifflmError(f"diffusion.log_snr_max / log_snr_min set the endpoints of {', '.join(ENDPOINT_SCHEDULES)}; "
+                          f"diffusion.schedule={d.schedule} has its own: drop them or change the schedule")
 
 
 def train(cfg: Config, show_progress: bool = True, resume: bool = False, overwrite: bool = False) -> TrainResult:

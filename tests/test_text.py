@@ -85,7 +85,7 @@ def test_first_step_is_scored_against_the_embedding(tokenizer):
     model = small_model(tokenizer)
     ids, _ = encode(TEXTS, tokenizer, 16)
     emb = model.embed(ids).detach()
-    model.forward = lambda x_t, t, **kwargs: emb
+    model.forward = lambda x_t, t, return_logits=False, **kwargs: (emb, None) if return_logits else emb
     model.diffusion.sample_t = lambda b, device, generator=None, low_step=1, dtype=None: torch.full((b,), 1 / 50)
     assert text_loss(model, ids).denoising.item() == pytest.approx(0.0, abs=1e-12)
 
