@@ -474,7 +474,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"difflm: error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:  # every rank stopped at the same step and took part in the save
-        if os.environ.get("RANK", "0") == "0":
+        from .runtime import rank
+
+        if rank() == 0:
             print(f"difflm: stopped by {signal.Signals(e.signum).name} at step {e.step} of {e.max_steps}; {e.saved}"
                   + (f"; resume with: {_resume_command(argv)}" if e.resumable else ""), file=sys.stderr)
         code = 128 + e.signum
@@ -483,7 +485,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     else:
         code = 0
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from .runtime import world_size
+
+    if world_size() > 1:
         _exit_distributed(code)
     return code
 

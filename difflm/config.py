@@ -132,7 +132,7 @@ class ModelConfig(Section):
     output: str = "embedding"  # embedding (Diffusion-LM: the denoiser regresses x0) or logits (x0 = softmax(logits) E)
     embedding_norm: bool = False  # rows of E L2-normalised and scaled by sqrt(embed_dim) (CDCD), so they cannot shrink
     mse_weight: float = 1.0  # weight of the squared x0 error (Diffusion-LM's L_simple)
-    ce_weight: float = 0.0  # weight of the cross-entropy of the x0 logits against the tokens (CDCD's score interpolation)
+    ce_weight: float = 0.0  # weight of the cross-entropy of the x0 logits against the tokens (CDCD)
 
     section = "model"
     ranges = {"embed_dim": Range(1), "hidden_size": Range(1), "num_layers": Range(1), "num_heads": Range(1),

@@ -359,7 +359,6 @@ def image_model_config(cfg: Config) -> ImageDiffusionConfig:
 
 def image_setup(cfg: Config):
     """The training loop's Setup for image mode (train.train dispatches on data.modality)."""
-
     mcfg = image_model_config(cfg)
     splits = load_images(cfg.data)
     model = ImageDiffusionModel(mcfg)

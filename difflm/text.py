@@ -93,8 +93,9 @@ def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
     out = diffusion.denoise(_training_model_fn(model, generator, attributes, logits), x0, t, noise)
     first_step = ((emb - out.x0_hat) ** 2).mean(dim=(1, 2))
     squared = torch.where(t == t1, first_step, out.loss)  # (B,)
-    logits = logits[0] if logits else model.logits(out.x0_hat).float()
-    ce = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(dim=1)  # (B,)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and bool(cfg.ce_weight)):  # else only logged: no graph
+        logits = logits[0] if logits else model.logits(out.x0_hat).float()
+        ce = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(dim=1)  # (B,)
     if model.time_warp is not None and model.training:
         model.time_warp.update(t, ce if cfg.ce_weight else squared)
     denoising, cross_entropy = squared.mean(), ce.mean()

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import yaml
@@ -101,7 +101,8 @@ def model_config(cfg: Config, vocab_size: int, special: tuple = (0, 1, 2),
     return TextDiffusionConfig(vocab_size=vocab_size, seq_len=cfg.data.seq_len, embed_dim=m.embed_dim,
                                hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
                                intermediate_size=m.intermediate_size, dropout=m.dropout,
-                               schedule=d.schedule, num_steps=d.num_steps, prediction=d.prediction, start_id=start, end_id=end, pad_id=pad,
+                               schedule=d.schedule, num_steps=d.num_steps, prediction=d.prediction,
+                               start_id=start, end_id=end, pad_id=pad,
                                denoiser_attn=attention or m.attn_implementation, self_condition=m.self_condition,
                                attributes=attributes, attribute_dropout=m.attribute_dropout,
                                unconditional_prob=m.unconditional_prob, output=m.output,

@@ -82,7 +82,8 @@ def test_two_process_deepspeed_resume_follows_the_uninterrupted_run(tmp_path, st
                                  f"train.out_dir={out}", "train.engine=deepspeed", f"train.zero_stage={stage}",
                                  "train.max_steps=30", "train.save_every=10", "train.log_every=1",
                                  "train.eval_every=15", "model.dropout=0.1", *extra, "--no-progress"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(threads=1))
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=subprocess_env(threads=1))
         if signal_after_steps:
             deadline = time.time() + 240
             while not ((out / "metrics.jsonl").is_file()
