@@ -24,7 +24,7 @@ import os
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -187,8 +187,10 @@ class Bench:
     prints its error instead."""
 
     def __init__(self, cfg: Config, vocab: int, device: torch.device, steps: int, warmup: int,
-                 emit: Callable[[str], None] = print, lr_scale: Optional[float] = None):
+                 emit: Callable[[str], None] = print, lr_scale: Optional[float] = None,
+                 record: Optional[Callable[[dict], None]] = None):
         self.cfg, self.vocab, self.device, self.steps, self.warmup, self.emit = cfg, vocab, device, steps, warmup, emit
+        self.record = record or (lambda row: None)  # each measured row as a dict, as soon as it is measured
         self.lr_scale = lr_scale  # the larger batch's learning rate over the config's (None: the batch ratio)
         self.cuda = device.type == "cuda"
         self.peak = matmul_peak(device, bf16=self.cuda)
@@ -222,6 +224,9 @@ class Bench:
         where = (torch.cuda.get_device_name(self.device) if self.cuda
                  else "CPU (absolute figures are not meaningful: ratios only)")
         m = self.cfg.model
+        self.record({"section": "device", "device": where, "peak_tflops": self.peak / 1e12, "layers": m.num_layers,
+                     "hidden": m.hidden_size, "embed_dim": m.embed_dim, "seq_len": self.cfg.data.seq_len,
+                     "vocab": self.vocab})
         self.emit(f"device: {where}; measured {'bf16' if self.cuda else 'fp32'} matmul peak "
                   f"{self.peak / 1e12:.2f} TFLOP/s; model {m.num_layers} x {m.hidden_size}, d={m.embed_dim}, "
                   f"length {self.cfg.data.seq_len}, vocabulary {self.vocab}\n")
@@ -235,12 +240,15 @@ class Bench:
             r = self.row(v)
             rows.append(r)
             if r is not None:
+                self.record({"section": "training", "name": v.name, "batch": v.batch, "bf16": v.bf16,
+                             "attention": v.attention, "compile": v.compile, "fused": v.fused, **asdict(r)})
                 self.emit(f"| {v.name} | {v.batch} | {v.bf16} | {v.attention} | {v.compile} | {v.fused} | "
                           f"{1000 * r.seconds_per_step:.1f} | {r.sequences_per_s:,.0f} | {r.tokens_per_s:,.0f} | "
                           f"{r.tflops:.2f} | {_pct(r.mfu)} | {_gb(r)} | {r.host_syncs:g} |")
         if all(rows):
-            self.emit(f"\ntraining throughput ratio difflm / recipe: "
-                      f"{rows[1].sequences_per_s / rows[0].sequences_per_s:.2f}x")
+            ratio = rows[1].sequences_per_s / rows[0].sequences_per_s
+            self.record({"section": "training", "name": "ratio", "ratio": ratio})
+            self.emit(f"\ntraining throughput ratio difflm / recipe: {ratio:.2f}x")
         self.emit("")
 
     def engines(self, fast_batch: int) -> None:
@@ -261,6 +269,8 @@ class Bench:
             ref = self.row(replace(base, compile=v.compile))  # measured earlier in this list: read from the cache
             if r is not None:
                 ratio = f"{r.seconds_per_step / ref.seconds_per_step:.2f}x" if ref else ""
+                self.record({"section": "engines", "name": v.name, "batch": v.batch, **asdict(r),
+                             "ratio_to_plain": r.seconds_per_step / ref.seconds_per_step if ref else None})
                 self.emit(f"| {v.name} | {1000 * r.seconds_per_step:.1f} | {ratio} | {_gb(r)} | {r.host_syncs:g} |")
         self.emit("\n(ratio: step time over plain PyTorch's with the same compile setting)\n")
 
@@ -275,6 +285,9 @@ class Bench:
             cfg = replace(self.cfg, data=replace(self.cfg.data, seq_len=length))
             cells = [self.row(replace(base, name=f"length {length}", checkpointing=c), cfg=cfg, steps=2)
                      for c in (False, True)]
+            self.record({"section": "memory", "length": length, "batch": base.batch,
+                         "peak_gb": cells[0].peak_memory_gb if cells[0] else None,
+                         "peak_gb_checkpointing": cells[1].peak_memory_gb if cells[1] else None})
             self.emit(f"| {length} | {' | '.join(_gb(c) if c else 'failed' for c in cells)} |")
         self.emit("")
 
@@ -305,6 +318,7 @@ class Bench:
                                                     f"{self.cfg.train.lr * v.lr_scale:.2g})" for v in variants) + " |")
         self.emit("| ---: |" + " ---: |" * len(variants))
         for k, mark in enumerate(marks):
+            self.record({"section": "quality", "sequences": mark, **{v.name: c[k] for v, c in zip(variants, curves)}})
             self.emit(f"| {mark:,} | " + " | ".join(f"{c[k]:.4f}" for c in curves) + " |")
         self.emit("\n(embedded grammar corpus; warm-up over the same number of sequences for both; the larger "
                   "batch's learning rate scaled by " + (f"{self.lr_scale:g}" if self.lr_scale else "the batch ratio")
@@ -332,6 +346,8 @@ class Bench:
                 continue
             rate = batch / (steps * per_step)
             recipe_rate = recipe_rate or rate
+            self.record({"section": "sampling", "name": name, "batch": batch, "steps": steps, "s_per_step": per_step,
+                         "sequences_per_s": rate, "ratio_to_recipe": rate / recipe_rate, "host_syncs": syncs})
             self.emit(f"| {name} | {batch} | {steps} | {per_step:.4f} | {rate:,.3f} | {rate / recipe_rate:.1f}x | "
                       f"{syncs:g} |")
         self.emit("")
@@ -358,12 +374,13 @@ class Bench:
 
 def run(cfg: Config, vocab: int, device: torch.device, steps: int = 20, warmup: int = 5,
         fast_batch: Optional[int] = None, sample_batch: Optional[int] = None, quality_sequences: int = 0,
-        sections=SECTIONS, emit: Callable[[str], None] = print, lr_scale: Optional[float] = None) -> None:
-    """Measure the chosen sections, emitting markdown tables as they finish."""
+        sections=SECTIONS, emit: Callable[[str], None] = print, lr_scale: Optional[float] = None,
+        record: Optional[Callable[[dict], None]] = None) -> None:
+    """Measure the chosen sections, emitting markdown tables as they finish (and each row to `record`)."""
     cuda = device.type == "cuda"
     fast_batch = fast_batch or (512 if cuda else 256)
     sample_batch = sample_batch or (512 if cuda else 256)
-    bench = Bench(cfg, vocab, device, steps, warmup, emit, lr_scale)
+    bench = Bench(cfg, vocab, device, steps, warmup, emit, lr_scale, record)
     bench.header()
     if "training" in sections:
         bench.training(fast_batch)

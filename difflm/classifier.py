@@ -27,14 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedModel
 
+from .card import CardedRun
 from .config import Config, save_config
+from .curves import require_tensorboard
 from .data import mr_values, parse_mr, special_ids
 from .engines import TorchEngine
 from .files import check_out_dir, start_out_dir
 from .errors import DifflmError, loading
 from .modeling import TimeEmbedding, model_type, register_auto_classes
 from .tagging import POS_TAGS
-from .text import embed_with_noise, save_model
+from .text import embed_with_noise
 from .runtime import resolve_device
 from .train import BatchStream, prepare_data, run_loop
 
@@ -219,6 +221,7 @@ def train_classifier(model, tokenizer, cfg: Config, task: str, show_progress: bo
     c = cfg.classifier
     out = Path(c.out_dir or f"runs/classifier-{task}")
     check_out_dir(out, "classifier.out_dir", overwrite=overwrite)
+    require_tensorboard(c, "classifier")
     if cfg.data.seq_len != model.config.seq_len:
         raise DifflmError(f"data.seq_len={cfg.data.seq_len} differs from the model's {model.config.seq_len}")
     torch.manual_seed(c.seed)
@@ -230,7 +233,7 @@ def train_classifier(model, tokenizer, cfg: Config, task: str, show_progress: bo
     if task == "content" and not texts.train_mr:
         raise DifflmError("content control needs meaning representations: set data.mr_column (mr for the E2E "
                           "CSVs, meaning_representation on the Hub) or use builtin:restaurants")
-    _, train_ids, dev_ids = prepare_data(cfg, tokenizer, texts)
+    _, train_ids, dev_ids, counts = prepare_data(cfg, tokenizer, texts)
     n = min(len(train_ids), c.max_examples) if c.max_examples else len(train_ids)
     fields = mr_values(texts.train_mr[:n]) if task == "content" else {}
     log.info("labelling %d train and %d dev texts for %s", n, min(len(dev_ids), 1024), task)
@@ -276,11 +279,12 @@ def train_classifier(model, tokenizer, cfg: Config, task: str, show_progress: bo
         clf.train()
         return {"dev_loss": sum(losses) / len(losses), "dev_accuracy": sum(accs) / len(accs)}
 
-    def save(step):
-        save_model(clf, tokenizer, out / "model")
+    counts.update(labelled_train=len(train.ids), labelled_dev=len(dev.ids))
+    run = CardedRun("classifier", clf, tokenizer, cfg, counts, c, device, out, evaluate)
 
-    result = run_loop(engine, next_loss, evaluate, save, c, out / "metrics.jsonl", show_progress=show_progress,
-                      desc=f"classifier-{task}", saved=f"the classifier so far saved in {out / 'model'}")
+    result = run_loop(engine, next_loss, run.evaluate, run.save, c, out / "metrics.jsonl",
+                      show_progress=show_progress, desc=f"classifier-{task}",
+                      saved=f"the classifier so far saved in {out / 'model'}")
     ev = result.last_eval
     log.info("classifier trained %d steps in %.1f min; dev loss %.4f, accuracy %.3f (t drawn as in training); "
              "saved to %s", result.steps, result.minutes, ev.get("dev_loss", math.nan),

@@ -165,6 +165,7 @@ def cmd_eval(args) -> None:
     if is_image_model(resolve_model_dir(args.model)):
         out = evaluate_images(resolve_model_dir(args.model), _config_for_model(args), args,
                               "difflm " + " ".join(sys.argv[1:]))
+        _add_to_card(args.model, "evaluation", "Evaluation", json.loads((out / "metrics.json").read_text()))
         logging.getLogger("difflm").info("wrote %s and %s", out / "metrics.json", out / "report.md")
         return
     samples = read_samples(args.samples) if args.samples else None
@@ -185,7 +186,21 @@ def cmd_eval(args) -> None:
                         steps=args.steps, held_out=args.held_out, bound_draws=args.bound_draws, seed=args.seed,
                         model_name=args.model, show_progress=not args.no_progress)
     out = write_report(ev, args.out, "difflm " + " ".join(sys.argv[1:]))
+    _add_to_card(args.model, "evaluation", "Evaluation",
+                 {"samples": ev.samples, "held_out": ev.held_out, "sampling_steps": args.steps, **ev.metrics})
     logging.getLogger("difflm").info("wrote %s and %s", out / "metrics.json", out / "report.md")
+
+
+def _add_to_card(model: str, name: str, title: str, figures: dict) -> None:
+    """This command's figures into the model's card (a model saved before cards existed is left as it is)."""
+    from .card import CARD, add_section
+
+    model_dir = Path(resolve_model_dir(model))
+    if not (model_dir / CARD).is_file():
+        logging.getLogger("difflm").warning("%s has no model card; the figures are only in the report", model_dir)
+        return
+    add_section(model_dir, name, title, figures, command="difflm " + " ".join(sys.argv[1:]))
+    logging.getLogger("difflm").info("added the figures to %s", model_dir / CARD)
 
 
 def cmd_bench(args) -> None:
@@ -212,9 +227,24 @@ def cmd_bench(args) -> None:
         raise DifflmError(f"--sections {args.sections!r}: choose among {', '.join(SECTIONS)}")
     quality = args.quality_sequences if args.quality_sequences is not None else (128_000 if device.type == "cuda"
                                                                                  else 12_800)
+    record = _json_lines(Path(args.json)) if args.json else None
     run(cfg, args.vocab, device, steps=args.steps, warmup=args.warmup, fast_batch=args.batch,
         sample_batch=args.sample_batch, quality_sequences=quality, sections=sections,
-        emit=lambda line: print(line, flush=True), lr_scale=args.lr_scale)
+        emit=lambda line: print(line, flush=True), lr_scale=args.lr_scale, record=record)
+
+
+def _json_lines(path: Path):
+    """A function that appends one JSON line per call to `path` (emptied first), each flushed: a run cut short
+    keeps what it measured."""
+    if path.is_dir() or not path.parent.is_dir():
+        raise DifflmError(f"--json {path}: give a file in an existing directory")
+    path.write_text("")
+
+    def record(row: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    return record
 
 
 def cmd_train_classifier(args) -> None:
@@ -327,6 +357,18 @@ def cmd_eval_control(args) -> None:
         (tmp / "samples.jsonl").write_text("".join(json.dumps({"row": name, **s.to_dict()}) + "\n"
                                                    for name, rows_ in samples.items() for s in rows_))
     print(table, end="")
+    _add_to_card(args.model, "control", "Controllable generation",
+                 {"targets_per_task": args.num_targets, "samples_per_target": args.per_target,
+                  **{r.name: {"success": r.success, "lm_score": r.lm_score, "samples": r.samples} for r in rows}})
+
+
+def cmd_info(args) -> None:
+    from .card import format_card, read_card
+
+    model_dir = resolve_model_dir(args.model)
+    if not Path(model_dir).is_dir():
+        raise DifflmError(f"model directory {args.model} does not exist")
+    print(format_card(read_card(model_dir)[0], model_dir), end="")
 
 
 def cmd_check_grammar(args) -> None:
@@ -414,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated parts to measure: training, quality, engines, memory, sampling (default all)")
     b.add_argument("--lr-scale", type=float, default=None,
                    help="quality: the larger batch's learning rate over the config's (default: the batch ratio)")
+    b.add_argument("--json", help="also write each measured row to this file as a JSON line, as it is measured")
     b.add_argument("--device", default="auto")
     b.set_defaults(func=cmd_bench)
 
@@ -457,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--held-out", type=int, default=1000, help="held-out texts to draw targets from")
     ec.add_argument("--out", required=True, help="directory for control.md, control.json and samples.jsonl")
     ec.set_defaults(func=cmd_eval_control)
+
+    i = sub.add_parser("info", help="what a saved model is: its card's facts (architecture, data, training, scores)")
+    i.add_argument("--model", required=True, help="a model directory (or a training out_dir)")
+    i.set_defaults(func=cmd_info)
 
     c = sub.add_parser("check-grammar", help="share of samples the embedded grammar can derive")
     c.add_argument("--samples", required=True, help="JSON-lines file from `difflm generate`")

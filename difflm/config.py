@@ -198,6 +198,7 @@ class LoopConfig(Section):
     log_every: int = 10
     eval_every: int = 200
     save_every: int = 1000
+    tensorboard: bool = False  # also write TensorBoard event files to <out_dir>/tensorboard (the tensorboard extra)
 
     section = "train"
     ranges = {"seed": NON_NEGATIVE, "batch_size": Range(1), "lr": POSITIVE, "weight_decay": NON_NEGATIVE,

@@ -367,7 +367,8 @@ def image_setup(cfg: Config):
     log.info("model: U-Net %.2fM parameters (channels %d x %s), %s schedule, T=%s, predicts %s",
              sum(p.numel() for p in model.parameters()) / 1e6, mcfg.base_channels, mcfg.channel_mults,
              mcfg.schedule, mcfg.num_steps, mcfg.prediction)
-    return Setup(None, splits.train, splits.dev, model, ImageObjective)
+    return Setup(None, splits.train, splits.dev, model, ImageObjective,
+                 {"train_images": len(splits.train), "dev_images": len(splits.dev)})
 
 
 def is_image_model(path) -> bool:

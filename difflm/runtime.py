@@ -4,7 +4,7 @@ loop (`Setup`). Below both the loop (train.py) and the modalities (text set-up i
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -21,6 +21,7 @@ class Setup:
     dev_rows: torch.Tensor
     model: torch.nn.Module
     objective: Callable[[torch.nn.Module], torch.nn.Module]  # model -> loss module (TextObjective, ImageObjective)
+    counts: dict = field(default_factory=dict)  # split sizes (and truncations) for the model card
 
 
 def world_size() -> int:

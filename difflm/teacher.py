@@ -11,12 +11,13 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .card import CardedRun
 from .config import Config, save_config
+from .curves import require_tensorboard
 from .data import encode, special_ids
 from .errors import DifflmError, loading
 from .engines import TorchEngine
 from .files import check_out_dir, start_out_dir
-from .text import save_model
 from .runtime import resolve_device
 from .train import BatchStream, prepare_data, run_loop
 
@@ -62,9 +63,10 @@ def train_teacher(cfg: Config, tokenizer=None, show_progress: bool = True, overw
     t = cfg.teacher
     out = Path(t.out_dir)
     check_out_dir(out, "teacher.out_dir", overwrite=overwrite)
+    require_tensorboard(t, "teacher")
     torch.manual_seed(t.seed)
     device = resolve_device(t.device)
-    tokenizer, train_ids, dev_ids = prepare_data(cfg, tokenizer)
+    tokenizer, train_ids, dev_ids, counts = prepare_data(cfg, tokenizer)
     train_ids, dev_ids = train_ids.to(device), dev_ids.to(device)
     pad = tokenizer.pad_token_id
     model = build_teacher(cfg, tokenizer).to(device).train()
@@ -84,11 +86,10 @@ def train_teacher(cfg: Config, tokenizer=None, show_progress: bool = True, overw
         model.train()
         return {"dev_perplexity": ppl}
 
-    def save(step):
-        save_model(model, tokenizer, out / "model")
+    run = CardedRun("teacher", model, tokenizer, cfg, counts, t, device, out, evaluate)
 
-    result = run_loop(engine, next_loss, evaluate, save, t, out / "metrics.jsonl", show_progress=show_progress,
-                      desc="teacher", saved=f"the teacher so far saved in {out / 'model'}")
+    result = run_loop(engine, next_loss, run.evaluate, run.save, t, out / "metrics.jsonl",
+                      show_progress=show_progress, desc="teacher", saved=f"the teacher so far saved in {out / 'model'}")
     log.info("teacher trained %d steps in %.1f min; dev perplexity %.3f; saved to %s", result.steps, result.minutes,
              result.last_eval.get("dev_perplexity", float("nan")), out / "model")
     return out / "model"

@@ -164,20 +164,24 @@ class SamplingModelFn:
         self.model, self.previous = model, None
         self.attributes, self.weight = attributes, weight
         self.net = net or model  # the forward to call (a compiled one, see compiled_network)
+        self.logits = None  # config.output=logits: the logits of the latest call (guided like the output)
 
     def output(self, x_t, t, x0_self=None):
-        out = self.net(x_t, t, x0_self=x0_self, attributes=self.attributes)
+        """(output, logits or None), guided alike: classifier-free guidance gives (1 + w) l(x | a) - w l(x)."""
+        out, logits = self.net(x_t, t, x0_self=x0_self, attributes=self.attributes, return_logits=True)
         if self.attributes is not None and self.weight:
-            out = (1 + self.weight) * out - self.weight * self.net(x_t, t, x0_self=x0_self)
-        return out
+            free, free_logits = self.net(x_t, t, x0_self=x0_self, return_logits=True)
+            out = (1 + self.weight) * out - self.weight * free
+            logits = None if logits is None else (1 + self.weight) * logits - self.weight * free_logits
+        return out, logits
 
     def x0(self, x_t, t):
         """The x0 estimate at (x_t, t) without advancing the self-conditioning state (for guides)."""
         prev = None if self.previous is None else self.previous.detach()
-        return self.model.diffusion.predict_x0(self.output(x_t, t, prev), x_t, t)
+        return self.model.diffusion.predict_x0(self.output(x_t, t, prev)[0], x_t, t)
 
     def __call__(self, x_t, t):
-        out = self.output(x_t, t, self.previous)
+        out, self.logits = self.output(x_t, t, self.previous)
         if self.model.config.self_condition:
             self.previous = self.model.diffusion.predict_x0(out, x_t, t)
         return out
@@ -226,8 +230,9 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
              sampler: str = "ddpm", clamp: bool = False, seed: int = 0, batch_size: int = 64,
              progress: Optional[Callable[[int], None]] = None, callback: Optional[Callable] = None,
              control: Optional[Callable[[int, int, SamplingModelFn], BatchControl]] = None,
-             precision: str = "fp32", compile: bool = False) -> List[Sample]:
-    """Fixed-length samples decoded through the rounding head (argmax), START dropped, cut at END.
+             precision: str = "fp32", compile: bool = False, from_logits: bool = True) -> List[Sample]:
+    """Fixed-length samples decoded by argmax (of the last step's logits for a model with config.output=logits
+    unless not `from_logits`, else of the rounding head), START dropped, cut at END.
 
     `sampler`: ddpm (ancestral) or ddim (eta = 0). `clamp`: replace each x0 estimate by its nearest word
     embeddings (Diffusion-LM's clamping trick). `progress(n)` is called after each batch of n samples;
@@ -251,7 +256,7 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
             ctl = control(len(out), len(out) + b, model_fn)
         ids = sample_ids(model, ctl.model_fn or model_fn, b, steps=steps, sampler=sampler, clamp=clamp,
                          generator=generator, guide=ctl.guide, denoise_fn=ctl.denoise_fn, callback=callback,
-                         network_dtype=DTYPES[precision])
+                         network_dtype=DTYPES[precision], from_logits=from_logits)
         if ctl.fixed is not None:
             ids = torch.where(ctl.fixed >= 0, ctl.fixed, ids)
         for row in ids.tolist():
@@ -264,10 +269,12 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
 def sample_ids(model: TextDiffusionModel, model_fn: Callable, batch: int, steps: Optional[int] = None,
                sampler: str = "ddpm", clamp: bool = False, generator: Optional[torch.Generator] = None,
                guide: Optional[Callable] = None, denoise_fn: Optional[Callable] = None,
-               callback: Optional[Callable] = None, network_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """One batch of token ids (B, L): the sampler from x_T ~ N(0, I) in the latent dtype, then the rounding head's
-    argmax (in the latent dtype too). `denoise_fn` transforms each x0 estimate before the clamping trick (when
-    `clamp`); `network_dtype` (bf16) autocasts the sampler's steps, whose own arithmetic stays in fp32."""
+               callback: Optional[Callable] = None, network_dtype: Optional[torch.dtype] = None,
+               from_logits: bool = True) -> torch.Tensor:
+    """One batch of token ids (B, L): the sampler from x_T ~ N(0, I) in the latent dtype, then the argmax of the
+    last step's logits (config.output=logits, unless not `from_logits`) or of the rounding head on the final x0
+    (in the latent dtype too). `denoise_fn` transforms each x0 estimate before the clamping trick (when `clamp`);
+    `network_dtype` (bf16) autocasts the sampler's steps, whose own arithmetic stays in fp32."""
     if sampler not in SAMPLERS:
         raise DifflmError(f"unknown sampler {sampler!r}; choose {' or '.join(SAMPLERS)}")
     cfg, weight = model.config, model.embedding.weight
@@ -280,6 +287,9 @@ def sample_ids(model: TextDiffusionModel, model_fn: Callable, batch: int, steps:
         x = sample(model.diffusion, model_fn, (batch, cfg.seq_len, cfg.embed_dim), steps=steps,
                    eta=SAMPLERS[sampler], denoise_fn=_chain(denoise_fn, clamp_fn if clamp else None), guide=guide,
                    generator=generator, device=weight.device, dtype=latent_dtype(weight), callback=callback)
+    logits = getattr(model_fn, "logits", None)
+    if from_logits and logits is not None:  # the last step's logits: the most likely word at each position
+        return logits.argmax(dim=-1)
     return round_to_tokens(x, model.rounding_weight(x.dtype))
 
 
@@ -295,7 +305,8 @@ def compiled_network(model: torch.nn.Module) -> Callable:
     def net(*args, **kwargs):
         if cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        return fn(*args, **kwargs).clone()
+        out = fn(*args, **kwargs)
+        return tuple(o if o is None else o.clone() for o in out) if isinstance(out, tuple) else out.clone()
 
     return net
 

@@ -7,6 +7,7 @@ is the same for both.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -23,7 +24,9 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from .card import CARD, data_facts, new_card, training_facts
 from .config import Config, LoopConfig, save_config
+from .curves import TrainingCurves, require_tensorboard
 from .data import TextSplits, build_tokenizer, encode, load_texts, load_tokenizer, mr_values, parse_mr, special_ids
 from .diffusion import PREDICTIONS
 from .engines import engine_config, make_engine
@@ -65,8 +68,8 @@ class EMA:
 
 
 def prepare_data(cfg: Config, tokenizer=None, texts: Optional[TextSplits] = None):
-    """(tokenizer, train ids (N, L), dev ids (M, L)) for the configured data; `tokenizer` overrides the one
-    cfg.data would build or load, `texts` the text it would load."""
+    """(tokenizer, train ids (N, L), dev ids (M, L), counts) for the configured data; `tokenizer` overrides the
+    one cfg.data would build or load, `texts` the text it would load. `counts`: split sizes and truncations."""
     texts = texts or load_texts(cfg.data)
     if tokenizer is None:
         tokenizer = (load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer
@@ -75,7 +78,9 @@ def prepare_data(cfg: Config, tokenizer=None, texts: Optional[TextSplits] = None
     dev_ids, n_trunc_dev = encode(texts.dev, tokenizer, cfg.data.seq_len)
     log.info("data: %d train / %d dev texts, vocabulary %d, length %d; truncated %d train and %d dev texts",
              len(train_ids), len(dev_ids), len(tokenizer), cfg.data.seq_len, n_trunc, n_trunc_dev)
-    return tokenizer, train_ids, dev_ids
+    counts = {"train_texts": len(train_ids), "dev_texts": len(dev_ids), "truncated_train": n_trunc,
+              "truncated_dev": n_trunc_dev, "vocabulary": len(tokenizer)}
+    return tokenizer, train_ids, dev_ids, counts
 
 
 def attribute_names(mrs: List[str], min_count: int = 2) -> List[str]:
@@ -116,16 +121,16 @@ def build_model(cfg: Config, tokenizer, attributes: Optional[List[str]] = None) 
 
 
 def text_setup(cfg: Config) -> Setup:
-    tokenizer, train_ids, dev_ids, attributes = training_rows(cfg)
+    tokenizer, train_ids, dev_ids, counts, attributes = training_rows(cfg)
     model = build_model(cfg, tokenizer, attributes)
     log.info("model: %.2fM parameters (denoiser %d x %d, embedding dim %d), %s schedule, T=%s, predicts %s",
              sum(p.numel() for p in model.parameters()) / 1e6, cfg.model.num_layers, cfg.model.hidden_size,
              cfg.model.embed_dim, cfg.diffusion.schedule, cfg.diffusion.num_steps, cfg.diffusion.prediction)
-    return Setup(tokenizer, train_ids, dev_ids, model, TextObjective)
+    return Setup(tokenizer, train_ids, dev_ids, model, TextObjective, counts)
 
 
 def training_rows(cfg: Config):
-    """(tokenizer, train rows, dev rows, attribute names): token ids, followed for a model conditioned on
+    """(tokenizer, train rows, dev rows, counts, attribute names): token ids, followed for a model conditioned on
     attributes (model.attributes) by each text's 0/1 attribute vector (text.TextObjective splits them)."""
     if not cfg.model.attributes:
         return (*prepare_data(cfg), None)
@@ -133,11 +138,11 @@ def training_rows(cfg: Config):
     if not texts.train_mr:
         raise DifflmError("model.attributes needs meaning representations: set data.mr_column (mr for the E2E "
                           "CSVs, meaning_representation on the Hub) or use builtin:restaurants")
-    tokenizer, train_ids, dev_ids = prepare_data(cfg, texts=texts)
+    tokenizer, train_ids, dev_ids, counts = prepare_data(cfg, texts=texts)
     names = attribute_names(texts.train_mr)
     log.info("conditioning on %d attributes (field=value pairs seen twice or more)", len(names))
     return (tokenizer, torch.cat([train_ids, attribute_vectors(texts.train_mr, names)], 1),
-            torch.cat([dev_ids, attribute_vectors(texts.dev_mr, names)], 1), names)
+            torch.cat([dev_ids, attribute_vectors(texts.dev_mr, names)], 1), counts, names)
 
 
 @torch.no_grad()
@@ -227,6 +232,7 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False, overwri
     t = cfg.train
     out = Path(t.out_dir)
     check_out_dir(out, "train.out_dir", resume=resume, overwrite=overwrite)
+    require_tensorboard(t, "train")
     state = load_checkpoint(cfg) if resume else None
     if state and state["step"] >= t.max_steps:
         return _already_complete(out, state["step"])
@@ -256,14 +262,22 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False, overwri
 
     next_loss = loss_stream(objective, engine, data, g)
 
+    last = {}  # the latest evaluation, for the model card
+    began = time.time() - (state.get("train_seconds", 0.0) if state else 0.0)  # wall time across resumes
+
     def evaluate():
-        return {"dev_loss": dev_loss(objective, dev_ids, t.batch_size, t.eval_batches),
-                "dev_loss_ema": dev_loss(ema_objective, dev_ids, t.batch_size, t.eval_batches)}
+        last.update(dev_loss=dev_loss(objective, dev_ids, t.batch_size, t.eval_batches),
+                    dev_loss_ema=dev_loss(ema_objective, dev_ids, t.batch_size, t.eval_batches))
+        return dict(last)
 
     def save(step):
         with engine.gathered(model.parameters()):  # every rank takes part; rank 0 writes the weights
             weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if main else None
-        save_checkpoint(out, weights, ema, engine, tokenizer, step, cfg, data, g)
+        seconds = time.time() - began
+        card = new_card("image-diffusion" if cfg.data.modality == "image" else "diffusion", ema.model,
+                        data_facts(cfg, setup.counts),
+                        training_facts(t, step, seconds, device, last, world_size()), where=str(out / "model"))
+        save_checkpoint(out, weights, ema, engine, tokenizer, step, cfg, data, g, card=card, seconds=seconds)
 
     metrics_path = out / "metrics.jsonl" if main else Path(os.devnull)
     start = restore(state, cfg, model, ema, engine, data, g, metrics_path) if state else 0
@@ -334,7 +348,9 @@ def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Ca
     accumulation = getattr(engine, "accumulation", 1)
     health = LossHealth()
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc=desc, disable=not show_progress, dynamic_ncols=True)
-    with open(metrics_path, "a" if start_step else "w") as metrics, StopSignals() as signals:
+    curves = (TrainingCurves(metrics_path.parent, metrics_path, cfg.tensorboard, title=f"{desc}: {metrics_path.parent}")
+              if str(metrics_path) != os.devnull else None)
+    with open(metrics_path, "a" if start_step else "w") as metrics, StopSignals() as signals, _drawn(curves):
         while step < cfg.max_steps:
             losses, parts = [], []
             for _ in range(accumulation):
@@ -368,6 +384,10 @@ def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Ca
                 record["elapsed_s"] = round(time.time() - start, 2)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                if curves is not None:
+                    curves.record(record)
+                    if last_eval and record.keys() & last_eval.keys():
+                        curves.draw()
             if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
                 health.check()  # never save weights that a non-finite loss has touched
                 save(step)
@@ -382,6 +402,17 @@ def run_loop(engine, next_loss: Callable, evaluate: Callable[[], dict], save: Ca
     bar.close()
     return LoopResult(steps=step, stopped_by_time=stopped_by_time, minutes=(time.time() - start) / 60,
                       last_eval=last_eval)
+
+
+@contextlib.contextmanager
+def _drawn(curves: Optional[TrainingCurves]):
+    """Draw the curves once more when the loop ends, however it ends, and close the TensorBoard writer."""
+    try:
+        yield
+    finally:
+        if curves is not None:
+            curves.close()
+            curves.draw()
 
 
 class StopSignals:
@@ -467,15 +498,16 @@ def _barrier() -> None:
 
 
 def save_checkpoint(out: Path, weights: Optional[dict], ema: EMA, engine, tokenizer, step: int, cfg: Config,
-                    data: BatchStream, generator: torch.Generator) -> None:
-    """Called by every rank. The EMA model for generation (`model/`) and the full training state
+                    data: BatchStream, generator: torch.Generator, card: str = "", seconds: float = 0.0) -> None:
+    """Called by every rank. The EMA model for generation (`model/`, with its model `card`) and the full training state
     (`checkpoint/`): weights, EMA, the engine's optimizer and schedule (DeepSpeed's collective checkpoint under
     a launcher), and each rank's data position and RNGs, so that `--resume` continues the same trajectory.
     Everything is written into `.checkpoint.partial` first; rank 0 renames it into place when all ranks are done."""
     main = rank() == 0
     tmp, final = out / ".checkpoint.partial", out / "checkpoint"
     if main:
-        save_model(ema.model, tokenizer, out / "model", extra_files={TRAINING_CONFIG: yaml.safe_dump(cfg.to_dict())})
+        save_model(ema.model, tokenizer, out / "model",
+                   extra_files={TRAINING_CONFIG: yaml.safe_dump(cfg.to_dict()), **({CARD: card} if card else {})})
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "engine").mkdir(parents=True)
     _barrier()
@@ -486,7 +518,7 @@ def save_checkpoint(out: Path, weights: Optional[dict], ema: EMA, engine, tokeni
     _barrier()
     if main:
         torch.save({"format": CHECKPOINT_FORMAT, "step": step, "model": weights, "ema": ema.model.state_dict(),
-                    "config": cfg.to_dict(), "world_size": world_size()},
+                    "config": cfg.to_dict(), "world_size": world_size(), "train_seconds": seconds},
                    tmp / "trainer_state.pt")  # written last: its presence marks a complete checkpoint
         old = out / ".checkpoint.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -526,10 +558,13 @@ def load_checkpoint(cfg: Config) -> dict:
 
 def _config_changes(saved: dict, cfg: Config) -> list:
     """Keys of the training sections whose values differ between a checkpoint's config and this run's
-    (max_minutes may change)."""
+    (but RESUMABLE_CHANGES)."""
     now = cfg.to_dict()
     return [f"{sec}.{key}" for sec in ("data", "model", "diffusion", "train") for key, value in now[sec].items()
-            if saved.get(sec, {}).get(key) != value and f"{sec}.{key}" != "train.max_minutes"]
+            if saved.get(sec, {}).get(key) != value and f"{sec}.{key}" not in RESUMABLE_CHANGES]
+
+
+RESUMABLE_CHANGES = {"train.max_minutes", "train.tensorboard"}  # keys a resumed run may change
 
 
 def restore(state: dict, cfg: Config, model, ema: EMA, engine, data: BatchStream, generator: torch.Generator,

@@ -11,6 +11,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # torch.compile's kernels built in this process, not in a pool of compile workers (twice a run of the suite beside
 # another one aborted inside a compile test; both runs shared the pool's machinery and the kernel cache)
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+# and into a cache of this run's own: a kernel cached on this machine under another configuration was reused and
+# aborted inside a compile test (2026-12-01: built under AVX2 emulation, "index out of bounds" in the BERT
+# embedding gather); a clean machine such as CI's compiles everything anyway
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="difflm-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

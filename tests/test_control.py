@@ -235,6 +235,13 @@ def test_train_classifier_control_and_eval_control(tiny_run, tmp_path, capsys):
     assert [r["name"] for r in table] == ["unguided", "content", "length", "content+length"]
     assert table[2]["success"]["length"] == 1.0  # the END and PAD positions are imputed, the rest guided
     assert len((tmp_path / "ec" / "samples.jsonl").read_text().splitlines()) == 16
+    from difflm.card import read_card
+
+    control = read_card(tiny_run / "model")[0]["difflm"]["control"]  # eval-control's figures in the model's card
+    assert control["content+length"]["success"] == table[3]["success"] and control["samples_per_target"] == 2
+    clf_facts = read_card(clf_dir / "model")[0]["difflm"]
+    assert clf_facts["kind"] == "classifier" and clf_facts["architecture"]["task"] == "content"
+    assert "final_dev_accuracy" in clf_facts["training"]
 
 
 def test_control_bad_inputs(tiny_run, tmp_path, capsys):

@@ -34,6 +34,12 @@ def test_teacher_learns_and_scores(teacher_dir, tiny_run):
     good = lm_score(teacher, teacher_tok, ["Aromi is a pub .", "Zizzi is a cheap pub ."], model.config.seq_len)
     bad = lm_score(teacher, teacher_tok, ["pub a is . Aromi", "cheap . Zizzi pub a is"], model.config.seq_len)
     assert 1 < good < bad
+    from difflm.card import read_card
+
+    facts = read_card(teacher_dir / "model")[0]["difflm"]  # the teacher's model card
+    assert facts["kind"] == "teacher" and facts["training"]["steps"] == 40
+    assert facts["training"]["final_dev_perplexity"] == pytest.approx(rows[-1]["dev_perplexity"], rel=1e-5)
+    assert facts["architecture"]["n_layer"] == 1 and (teacher_dir / "training.png").is_file()
 
 
 def test_lm_score_is_exp_of_mean_token_nll(teacher_dir, tiny_run):
