@@ -90,7 +90,7 @@ def cmd_generate(args) -> None:
     from .files import atomic_write_text
     from .precision import check_precision
     from .sampling import check_request
-    from .text import generate, load_model
+    from .text import check_temperature, generate, load_model
 
     from .image import is_image_model
     from .runtime import resolve_device
@@ -100,10 +100,11 @@ def cmd_generate(args) -> None:
     model, tokenizer = load_model(resolve_model_dir(args.model), device=resolve_device(args.device))
     check_request(model.diffusion, args.num_samples, args.steps, args.batch_size)
     check_precision(args.precision, "--precision")
+    check_temperature(model, args.temperature)
     with tqdm(total=args.num_samples, desc="generate", disable=args.no_progress, dynamic_ncols=True) as bar:
         samples = generate(model, tokenizer, args.num_samples, steps=args.steps, sampler=args.sampler,
                            clamp=args.clamp, seed=args.seed, batch_size=args.batch_size, progress=bar.update,
-                           precision=args.precision, compile=args.compile)
+                           precision=args.precision, compile=args.compile, temperature=args.temperature)
     atomic_write_text(Path(args.out), "".join(json.dumps({"text": s.text, "ids": s.ids}) + "\n" for s in samples))
     logging.getLogger("difflm").info("wrote %d samples to %s", len(samples), args.out)
     for s in samples[: args.show]:
@@ -184,10 +185,11 @@ def cmd_eval(args) -> None:
         teacher = load_teacher(args.teacher, tokenizer, device=device)
     ev = evaluate_model(model, tokenizer, cfg, samples, metrics, teacher=teacher, num_samples=args.num_samples,
                         steps=args.steps, held_out=args.held_out, bound_draws=args.bound_draws, seed=args.seed,
-                        model_name=args.model, show_progress=not args.no_progress)
+                        model_name=args.model, show_progress=not args.no_progress, temperature=args.temperature)
     out = write_report(ev, args.out, "difflm " + " ".join(sys.argv[1:]))
     _add_to_card(args.model, "evaluation", "Evaluation",
-                 {"samples": ev.samples, "held_out": ev.held_out, "sampling_steps": args.steps, **ev.metrics})
+                 {"samples": ev.samples, "held_out": ev.held_out, "sampling_steps": args.steps,
+                  "temperature": args.temperature, **ev.metrics})
     logging.getLogger("difflm").info("wrote %s and %s", out / "metrics.json", out / "report.md")
 
 
@@ -405,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
     g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     g.add_argument("--clamp", action="store_true", help="clamp each x0 estimate to its nearest word embeddings")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="model.output=logits: x0 = softmax(logits / T) E; below 1 more fluent, less diverse")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--precision", default="fp32", help="fp32, or bf16 (autocast on a CUDA GPU)")
@@ -434,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: all that apply)")
     e.add_argument("--num-samples", type=int, default=256)
     e.add_argument("--steps", type=int, default=200, help="sampling steps when generating")
+    e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when generating "
+                   "(model.output=logits; see generate)")
     e.add_argument("--held-out", type=int, default=512, help="held-out texts for the bound")
     e.add_argument("--bound-draws", type=int, default=16, help="stratified draws of t per held-out text")
     e.add_argument("--seed", type=int, default=0)

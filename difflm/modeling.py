@@ -166,8 +166,14 @@ class TextDiffusionModel(PreTrainedModel):
         if self.config.output != "logits":
             return (out.to(x_t.dtype), None) if return_logits else out.to(x_t.dtype)
         logits = out.float()
-        x0 = torch.softmax(logits, dim=-1).to(x_t.dtype) @ self.embedding_matrix(x_t.dtype)  # (B, L, d)
+        x0 = self.expected_embedding(logits, x_t.dtype)
         return (x0, logits) if return_logits else x0
+
+    def expected_embedding(self, logits: torch.Tensor, dtype: torch.dtype, temperature: float = 1.0) -> torch.Tensor:
+        """softmax(logits / temperature) E: (B, L, d), the x0 estimate of a categorical output. A temperature
+        below 1 sharpens it towards the most likely words (a sampling option; training uses 1)."""
+        return torch.softmax(logits / temperature if temperature != 1 else logits, dim=-1).to(dtype) \
+            @ self.embedding_matrix(dtype)
 
 
 def register_auto_classes(config_class, model_class) -> None:

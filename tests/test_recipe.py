@@ -141,3 +141,33 @@ def test_warped_times_in_training_and_uniform_times_for_the_dev_loss(tokenizer):
     torch.testing.assert_close(warped * 50, (warped * 50).round(), rtol=0, atol=1e-4)  # on the trained steps i / T
     uniform = training_times(model.eval(), 4000, torch.Generator().manual_seed(0), torch.float32)
     torch.testing.assert_close(uniform, model.diffusion.sample_t(4000, "cpu", torch.Generator().manual_seed(0)))
+
+
+def test_sampling_temperature_sharpens_the_categorical_x0(tokenizer):
+    from difflm.errors import DifflmError
+    from difflm.text import SamplingModelFn
+
+    torch.manual_seed(0)
+    model = small_model(tokenizer, **{"model.output": "logits", "model.self_condition": "true"}).eval()
+    x, t = torch.randn(2, 16, 8), torch.tensor([0.3, 0.9])
+    logits = model(x, t, return_logits=True)[1]
+    fn = SamplingModelFn(model, temperature=0.5)
+    out = fn(x, t)  # x0 = softmax(logits / 0.5) E, and fed back to the next call
+    torch.testing.assert_close(out, torch.softmax(logits / 0.5, -1) @ model.embedding.weight)
+    torch.testing.assert_close(fn.previous, out)
+    torch.testing.assert_close(fn.logits, logits)  # the final tokens come from the logits themselves
+    entropy = [-(p * p.log()).sum(-1).mean() for p in (torch.softmax(logits, -1), torch.softmax(logits / 0.5, -1))]
+    assert entropy[1] < entropy[0]
+    a = generate(model, tokenizer, 4, steps=5, seed=2, temperature=0.5)
+    assert a == generate(model, tokenizer, 4, steps=5, seed=2, temperature=0.5) and len(a) == 4
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(DifflmError, match="--temperature must be a positive number"):
+            generate(model, tokenizer, 2, steps=5, temperature=bad)
+    with pytest.raises(DifflmError, match="needs a model with categorical output"):
+        generate(small_model(tokenizer), tokenizer, 2, steps=5, temperature=0.5)
+
+
+def test_temperature_on_the_command_line(tiny_run, tmp_path, capsys):
+    assert_user_error(capsys, ["generate", "--model", str(tiny_run), "--num-samples", "2", "--steps", "5",
+                               "--temperature", "0.5", "--out", str(tmp_path / "s.jsonl")], "categorical output")
+    assert not (tmp_path / "s.jsonl").exists()
