@@ -203,7 +203,8 @@ def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({cpu_model()}, {threads} thread{'' if threads == 1 else 's'})"
 
 
 def cpu_model() -> str:
