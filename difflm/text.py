@@ -315,15 +315,15 @@ SAMPLERS = {"ddpm": 1.0, "ddim": 0.0}  # the sampler's eta: ancestral, determini
 
 def compiled_network(model: torch.nn.Module) -> Callable:
     """The model's forward through torch.compile; on CUDA with CUDA graphs (mode reduce-overhead), which replay the
-    whole network as one launch. A replay reuses its output buffers, so each output is cloned before it is kept."""
+    whole network as one launch. A replay reuses its output buffers, so each output is cloned before it is kept.
+    Called as SamplingModelFn calls it, with return_logits=True."""
     cuda = next(model.parameters()).is_cuda
     fn = torch.compile(model, mode="reduce-overhead" if cuda else None)
 
     def net(*args, **kwargs):
         if cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        out = fn(*args, **kwargs)
-        return tuple(o if o is None else o.clone() for o in out) if isinstance(out, tuple) else out.clone()
+        return tuple(o if o is None else o.clone() for o in fn(*args, **kwargs))  # (output, logits or None)
 
     return net
 

@@ -275,8 +275,8 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False, overwri
             weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if main else None
         seconds = time.time() - began
         card = new_card("image-diffusion" if cfg.data.modality == "image" else "diffusion", ema.model,
-                        data_facts(cfg, setup.counts),
-                        training_facts(t, step, seconds, device, last, world_size()), where=str(out / "model"))
+                        data_facts(cfg, setup.counts), training_facts(t, step, seconds, device, last, world_size()),
+                        where=str(out / "model")) if main else ""  # only rank 0 writes the model
         save_checkpoint(out, weights, ema, engine, tokenizer, step, cfg, data, g, card=card, seconds=seconds)
 
     metrics_path = out / "metrics.jsonl" if main else Path(os.devnull)
