@@ -90,7 +90,7 @@ def cmd_generate(args) -> None:
     from .files import atomic_write_text
     from .precision import check_precision
     from .sampling import check_request
-    from .text import check_temperature, generate, load_model
+    from .text import generate, load_model, sampling_temperature
 
     from .image import is_image_model
     from .runtime import resolve_device
@@ -100,11 +100,11 @@ def cmd_generate(args) -> None:
     model, tokenizer = load_model(resolve_model_dir(args.model), device=resolve_device(args.device))
     check_request(model.diffusion, args.num_samples, args.steps, args.batch_size)
     check_precision(args.precision, "--precision")
-    check_temperature(model, args.temperature)
+    temperature = sampling_temperature(model, args.temperature)
     with tqdm(total=args.num_samples, desc="generate", disable=args.no_progress, dynamic_ncols=True) as bar:
         samples = generate(model, tokenizer, args.num_samples, steps=args.steps, sampler=args.sampler,
                            clamp=args.clamp, seed=args.seed, batch_size=args.batch_size, progress=bar.update,
-                           precision=args.precision, compile=args.compile, temperature=args.temperature)
+                           precision=args.precision, compile=args.compile, temperature=temperature)
     atomic_write_text(Path(args.out), "".join(json.dumps({"text": s.text, "ids": s.ids}) + "\n" for s in samples))
     logging.getLogger("difflm").info("wrote %d samples to %s", len(samples), args.out)
     for s in samples[: args.show]:
@@ -154,7 +154,7 @@ def read_samples(path: str) -> List[str]:
 def cmd_eval(args) -> None:
     from .evaluation import check_metrics, evaluate_model
     from .report import write_report
-    from .text import load_model
+    from .text import load_model, sampling_temperature
     from .runtime import resolve_device
 
     if args.metrics is not None:
@@ -183,13 +183,15 @@ def cmd_eval(args) -> None:
         from .teacher import load_teacher
 
         teacher = load_teacher(args.teacher, tokenizer, device=device)
+    temperature = sampling_temperature(model, args.temperature)
     ev = evaluate_model(model, tokenizer, cfg, samples, metrics, teacher=teacher, num_samples=args.num_samples,
                         steps=args.steps, held_out=args.held_out, bound_draws=args.bound_draws, seed=args.seed,
-                        model_name=args.model, show_progress=not args.no_progress, temperature=args.temperature)
+                        model_name=args.model, show_progress=not args.no_progress, temperature=temperature)
     out = write_report(ev, args.out, "difflm " + " ".join(sys.argv[1:]))
+    sampling = {"samples_from": args.samples} if args.samples else {"sampling_steps": args.steps,
+                                                                     "temperature": temperature}
     _add_to_card(args.model, "evaluation", "Evaluation",
-                 {"samples": ev.samples, "held_out": ev.held_out, "sampling_steps": args.steps,
-                  "temperature": args.temperature, **ev.metrics})
+                 {"samples": ev.samples, "held_out": ev.held_out, **sampling, **ev.metrics})
     logging.getLogger("difflm").info("wrote %s and %s", out / "metrics.json", out / "report.md")
 
 
@@ -407,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
     g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     g.add_argument("--clamp", action="store_true", help="clamp each x0 estimate to its nearest word embeddings")
-    g.add_argument("--temperature", type=float, default=1.0,
-                   help="model.output=logits: x0 = softmax(logits / T) E; below 1 more fluent, less diverse")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="model.output=logits: x0 = softmax(logits / T) E; below 1 more fluent, less diverse "
+                   "(default: the model's, from model.sample_temperature in training)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--precision", default="fp32", help="fp32, or bf16 (autocast on a CUDA GPU)")
@@ -438,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: all that apply)")
     e.add_argument("--num-samples", type=int, default=256)
     e.add_argument("--steps", type=int, default=200, help="sampling steps when generating")
-    e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when generating "
+    e.add_argument("--temperature", type=float, default=None, help="sampling temperature when generating "
                    "(model.output=logits; see generate)")
     e.add_argument("--held-out", type=int, default=512, help="held-out texts for the bound")
     e.add_argument("--bound-draws", type=int, default=16, help="stratified draws of t per held-out text")

@@ -133,16 +133,21 @@ class ModelConfig(Section):
     embedding_norm: bool = False  # rows of E L2-normalised and scaled by sqrt(embed_dim) (CDCD), so they cannot shrink
     mse_weight: float = 1.0  # weight of the squared x0 error (Diffusion-LM's L_simple)
     ce_weight: float = 0.0  # weight of the cross-entropy of the x0 logits against the tokens (CDCD)
+    sample_temperature: float = 1.0  # saved with the model: the default of generate/eval/control --temperature
 
     section = "model"
     ranges = {"embed_dim": Range(1), "hidden_size": Range(1), "num_layers": Range(1), "num_heads": Range(1),
               "intermediate_size": Range(1), "dropout": DROPOUT, "attribute_dropout": PROBABILITY,
-              "unconditional_prob": PROBABILITY, "mse_weight": NON_NEGATIVE, "ce_weight": NON_NEGATIVE}
+              "unconditional_prob": PROBABILITY, "mse_weight": NON_NEGATIVE, "ce_weight": NON_NEGATIVE,
+              "sample_temperature": POSITIVE}
 
     def check(self) -> None:
         _divisible(self)
         if self.output not in OUTPUTS:
             raise DifflmError(f"unknown model.output {self.output!r}; choose one of {', '.join(OUTPUTS)}")
+        if self.sample_temperature != 1 and self.output != "logits":
+            raise DifflmError(f"model.sample_temperature={self.sample_temperature:g} needs model.output=logits (it "
+                              f"sharpens softmax(logits / T) E); this model has model.output={self.output}")
         if self.mse_weight == 0 and self.ce_weight == 0:
             raise DifflmError("model.mse_weight and model.ce_weight are both 0: nothing would train the denoiser")
 

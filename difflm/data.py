@@ -4,6 +4,7 @@ tokenizer, and encode fixed-length sequences START + tokens + END + PAD."""
 from __future__ import annotations
 
 import logging
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -139,7 +140,18 @@ def load_texts(cfg: DataConfig) -> TextSplits:
     if cfg.max_train_examples:
         train = train[: cfg.max_train_examples]
         train_mr = train_mr[: cfg.max_train_examples] if train_mr is not None else None
+    dev, dev_mr = _shuffled(dev, dev_mr)
     return TextSplits(train=train, dev=dev, train_mr=train_mr, dev_mr=dev_mr)
+
+
+def _shuffled(texts: List[str], mrs: Optional[List[str]]) -> Tuple[List[str], Optional[List[str]]]:
+    """The held-out texts (and their meanings) in one fixed random order, so that the first N, which the dev loss,
+    the teacher's perplexity and every evaluation reference take, are a fair sample: E2E's dev file lists the
+    references of each meaning together, and its first 256 texts hold 28 meanings (distinct-2 0.257
+    against 0.311 for the first 256 in this order)."""
+    order = list(range(len(texts)))
+    random.Random(0).shuffle(order)
+    return [texts[i] for i in order], None if mrs is None else [mrs[i] for i in order]
 
 
 def build_tokenizer(texts: List[str], min_freq: int = 1, lowercase: bool = False):

@@ -32,7 +32,8 @@ class TextDiffusionConfig(PretrainedConfig):
                  self_condition: bool = False, attributes: Optional[list] = None, attribute_dropout: float = 0.5,
                  unconditional_prob: float = 0.1, output: str = "embedding", embedding_norm: bool = False,
                  log_snr_max: float = 10.0, log_snr_min: float = -10.0, noise_scale: float = 1.0,
-                 time_warp_bins: int = 0, mse_weight: float = 1.0, ce_weight: float = 0.0, **kwargs):
+                 time_warp_bins: int = 0, mse_weight: float = 1.0, ce_weight: float = 0.0,
+                 sample_temperature: float = 1.0, **kwargs):
         self.vocab_size, self.seq_len, self.embed_dim = vocab_size, seq_len, embed_dim
         self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
         self.intermediate_size, self.dropout = intermediate_size, dropout
@@ -46,6 +47,7 @@ class TextDiffusionConfig(PretrainedConfig):
         self.log_snr_max, self.log_snr_min, self.noise_scale = log_snr_max, log_snr_min, noise_scale
         self.time_warp_bins = time_warp_bins  # 0: uniform t in training
         self.mse_weight, self.ce_weight = mse_weight, ce_weight  # the training loss (text.text_loss)
+        self.sample_temperature = sample_temperature  # the default sampling temperature (text.SamplingModelFn)
         super().__init__(**kwargs)
 
     def build_schedule(self):

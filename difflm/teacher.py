@@ -118,7 +118,16 @@ def load_teacher(path: str, tokenizer=None, device="cpu"):
 def lm_score(teacher, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int = 64,
              progress: Optional[Callable[[int], None]] = None) -> float:
     """exp(mean token NLL) of `texts` under the teacher: tokens after START through END, corpus-level mean
-    (Diffusion-LM's lm-score)."""
+    (Diffusion-LM's lm-score). A teacher with fewer positions than `seq_len` scores the texts in its positions
+    (exact for those that fit, as padding is on the right and the teacher causal; the others, counted in a
+    warning, on their first tokens)."""
     ids, _ = encode(list(texts), tokenizer, seq_len)
+    positions = getattr(teacher.config, "n_positions", None) or getattr(teacher.config, "max_position_embeddings", None)
+    if positions is not None and ids.shape[1] > positions:
+        longer = int((ids[:, positions:] != tokenizer.pad_token_id).any(1).sum())
+        if longer:
+            log.warning("%d of %d texts are longer than the teacher's %d positions: scored on their first %d tokens",
+                        longer, len(ids), positions, positions)
+        ids = ids[:, :positions]
     ids = ids.to(next(teacher.parameters()).device)
     return math.exp(_mean_nll(teacher, ids, tokenizer.pad_token_id, batch_size, progress))

@@ -155,27 +155,32 @@ def _training_model_fn(model: TextDiffusionModel, generator: Optional[torch.Gene
     return model_fn
 
 
-def check_temperature(model: TextDiffusionModel, temperature: float) -> None:
-    """A one-line error for a sampling temperature the model cannot take."""
+def sampling_temperature(model: TextDiffusionModel, temperature: Optional[float] = None) -> float:
+    """The temperature to sample at: `temperature`, or the model's default (config.sample_temperature, set by
+    model.sample_temperature in training) where None; a one-line error for one the model cannot take."""
+    if temperature is None:
+        return getattr(model.config, "sample_temperature", 1.0)
     if not (temperature > 0 and math.isfinite(temperature)):
         raise DifflmError(f"--temperature must be a positive number, got {temperature}")
     if temperature != 1 and model.config.output != "logits":
         raise DifflmError("--temperature needs a model with categorical output (model.output=logits); this one "
                           "regresses x0 directly")
+    return temperature
 
 
 class SamplingModelFn:
     """The model as a model_fn for a sampler. With self-conditioning it feeds back its previous x0 estimate;
     with `attributes` (B, A) and a weight w it applies classifier-free guidance (Ho & Salimans 2022),
     (1 + w) out(x | attributes) - w out(x), affine in the output so the same for every parameterization.
-    A `temperature` tau (config.output=logits) takes x0 = softmax(logits / tau) E, fed back as well; tau < 1
-    trades diversity for fluency (Plaid samples with a score temperature of the same purpose)."""
+    A `temperature` tau (config.output=logits; None: the model's config.sample_temperature) takes
+    x0 = softmax(logits / tau) E, fed back as well; tau < 1 trades diversity for fluency (Plaid samples with a
+    score temperature of the same purpose)."""
 
     def __init__(self, model: TextDiffusionModel, attributes: Optional[torch.Tensor] = None, weight: float = 0.0,
-                 net: Optional[Callable] = None, temperature: float = 1.0):
-        check_temperature(model, temperature)
+                 net: Optional[Callable] = None, temperature: Optional[float] = None):
         self.model, self.previous = model, None
-        self.attributes, self.weight, self.temperature = attributes, weight, temperature
+        self.attributes, self.weight = attributes, weight
+        self.temperature = sampling_temperature(model, temperature)
         self.net = net or model  # the forward to call (a compiled one, see compiled_network)
         self.logits = None  # config.output=logits: the logits of the latest call (guided like the output)
 
@@ -246,7 +251,7 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
              progress: Optional[Callable[[int], None]] = None, callback: Optional[Callable] = None,
              control: Optional[Callable[[int, int, SamplingModelFn], BatchControl]] = None,
              precision: str = "fp32", compile: bool = False, from_logits: bool = True,
-             temperature: float = 1.0) -> List[Sample]:
+             temperature: Optional[float] = None) -> List[Sample]:
     """Fixed-length samples decoded by argmax (of the last step's logits for a model with config.output=logits
     unless not `from_logits`, else of the rounding head), START dropped, cut at END.
 
@@ -255,11 +260,11 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
     `callback(StepState)` after every sampler step (see sampling.sample). `control(start, stop, model_fn)`
     gives the BatchControl of samples start..stop-1 (control.py). `precision=bf16` runs the network under bf16
     autocast (a CUDA GPU; the sampler's arithmetic stays fp32); `compile` runs it through torch.compile (with CUDA
-    graphs on a GPU).
+    graphs on a GPU). `temperature`: see SamplingModelFn (None: the model's default).
     """
     check_request(model.diffusion, num_samples, steps, batch_size)
     check_precision(precision, "--precision")
-    check_temperature(model, temperature)
+    temperature = sampling_temperature(model, temperature)
     if compile and control is not None:
         raise DifflmError("compiled sampling is for unguided generation; drop --compile with control")
     model.eval()

@@ -113,7 +113,7 @@ def model_config(cfg: Config, vocab_size: int, special: tuple = (0, 1, 2),
                                unconditional_prob=m.unconditional_prob, output=m.output,
                                embedding_norm=m.embedding_norm, mse_weight=m.mse_weight, ce_weight=m.ce_weight,
                                log_snr_max=d.log_snr_max, log_snr_min=d.log_snr_min, noise_scale=d.noise_scale,
-                               time_warp_bins=d.time_warp_bins)
+                               time_warp_bins=d.time_warp_bins, sample_temperature=m.sample_temperature)
 
 
 def build_model(cfg: Config, tokenizer, attributes: Optional[List[str]] = None) -> TextDiffusionModel:

@@ -58,6 +58,21 @@ def test_lm_score_is_exp_of_mean_token_nll(teacher_dir, tiny_run):
     assert lm_score(teacher, teacher_tok, ["Aromi is a pub ."], 24) == pytest.approx(math.exp(manual), rel=1e-5)
 
 
+def test_lm_score_of_a_model_longer_than_the_teacher(teacher_dir, tiny_run, caplog):
+    from difflm.text import load_model
+
+    _, tok = load_model(tiny_run / "model")
+    teacher, teacher_tok = load_teacher(str(teacher_dir), tok)
+    positions = teacher.config.n_positions
+    fits = ["Aromi is a pub .", "Zizzi is a cheap pub ."]
+    assert lm_score(teacher, teacher_tok, fits, 2 * positions) == pytest.approx(
+        lm_score(teacher, teacher_tok, fits, positions), rel=1e-6)  # PAD columns beyond the teacher: exact
+    long = " ".join(["Aromi is a pub ."] * positions)
+    with caplog.at_level("WARNING", logger="difflm"):
+        score = lm_score(teacher, teacher_tok, fits + [long], 2 * positions)
+    assert math.isfinite(score) and f"1 of 3 texts are longer than the teacher's {positions} positions" in caplog.text
+
+
 def test_eval_writes_json_markdown_and_plots(tiny_run, teacher_dir, tmp_path, capsys):
     out = tmp_path / "ev"
     code, _, err = run(capsys, "eval", "--model", str(tiny_run), "--teacher", str(teacher_dir), "--out", str(out),

@@ -167,6 +167,30 @@ def test_sampling_temperature_sharpens_the_categorical_x0(tokenizer):
         generate(small_model(tokenizer), tokenizer, 2, steps=5, temperature=0.5)
 
 
+def test_the_models_own_sampling_temperature(tokenizer, tmp_path):
+    from difflm.errors import DifflmError
+    from difflm.text import SamplingModelFn
+
+    torch.manual_seed(0)
+    model = small_model(tokenizer, **{"model.output": "logits", "model.sample_temperature": "0.5"}).eval()
+    save_model(model, tokenizer, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.config.sample_temperature == 0.5  # saved with the model
+    x, t = torch.randn(2, 16, 8), torch.tensor([0.3, 0.9])
+    logits = loaded(x, t, return_logits=True)[1]
+    fn = SamplingModelFn(loaded)  # no temperature asked: the model's
+    assert fn.temperature == 0.5
+    torch.testing.assert_close(fn(x, t), torch.softmax(logits / 0.5, -1) @ loaded.embedding.weight)
+    assert SamplingModelFn(loaded, temperature=1.0).temperature == 1.0  # an explicit one wins
+    assert generate(loaded, tokenizer, 3, steps=5, seed=1) == generate(loaded, tokenizer, 3, steps=5, seed=1,
+                                                                        temperature=0.5)
+    assert SamplingModelFn(small_model(tokenizer)).temperature == 1.0  # the default default
+    with pytest.raises(DifflmError, match="model.sample_temperature=0.5 needs model.output=logits"):
+        small_model(tokenizer, **{"model.sample_temperature": "0.5"})
+    with pytest.raises(DifflmError, match="model.sample_temperature"):
+        small_model(tokenizer, **{"model.output": "logits", "model.sample_temperature": "0"})
+
+
 def test_temperature_on_the_command_line(tiny_run, tmp_path, capsys):
     assert_user_error(capsys, ["generate", "--model", str(tiny_run), "--num-samples", "2", "--steps", "5",
                                "--temperature", "0.5", "--out", str(tmp_path / "s.jsonl")], "categorical output")

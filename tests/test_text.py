@@ -175,3 +175,20 @@ def test_self_conditioning_reads_the_previous_estimate(tokenizer, tmp_path):
     save_model(model, tokenizer, tmp_path / "m")
     loaded, _ = load_model(tmp_path / "m")
     assert loaded.config.self_condition and len(generate(loaded, tokenizer, 3, steps=5)) == 3
+
+
+def test_held_out_text_comes_in_a_fixed_random_order(tmp_path):
+    from difflm.data import load_texts
+
+    # a dev file that lists the references of each meaning together, as E2E's does
+    rows = [(f"name[R{i // 8}]", f"R{i // 8} is a pub number {i} .") for i in range(80)]
+    (tmp_path / "train.csv").write_text("mr,ref\n" + "".join(f'"{m}",{r}\n' for m, r in rows[:16]))
+    (tmp_path / "dev.csv").write_text("mr,ref\n" + "".join(f'"{m}",{r}\n' for m, r in rows))
+    cfg = load_config(None, [f"data.source={tmp_path / 'train.csv'}", f"data.dev_source={tmp_path / 'dev.csv'}",
+                             "data.text_column=ref", "data.mr_column=mr"]).data
+    splits = load_texts(cfg)
+    assert sorted(splits.dev) == sorted(r for _, r in rows) and splits.dev != [r for _, r in rows]
+    assert all(r.startswith(m[5:-1] + " ") for m, r in zip(splits.dev_mr, splits.dev))  # meanings stay aligned
+    assert len({m for m in splits.dev_mr[:16]}) > 2  # the first 16 are not two meanings' references
+    assert splits.dev == load_texts(cfg).dev  # the same order every time
+    assert splits.train == [r for _, r in rows[:16]]  # training text keeps its order
