@@ -98,11 +98,13 @@ def cmd_generate(args) -> None:
     if is_image_model(resolve_model_dir(args.model)):
         return _generate_images(args)
     model, tokenizer = load_model(resolve_model_dir(args.model), device=resolve_device(args.device))
-    check_request(model.diffusion, args.num_samples, args.steps, args.batch_size)
+    sampler = _sampler(args)
+    check_request(model.diffusion, args.num_samples, args.steps, args.batch_size, sampler=sampler,
+                  warp=model.time_warp)
     check_precision(args.precision, "--precision")
     temperature = sampling_temperature(model, args.temperature)
     with tqdm(total=args.num_samples, desc="generate", disable=args.no_progress, dynamic_ncols=True) as bar:
-        samples = generate(model, tokenizer, args.num_samples, steps=args.steps, sampler=args.sampler,
+        samples = generate(model, tokenizer, args.num_samples, steps=args.steps, sampler=sampler,
                            clamp=args.clamp, seed=args.seed, batch_size=args.batch_size, progress=bar.update,
                            precision=args.precision, compile=args.compile, temperature=temperature)
     atomic_write_text(Path(args.out), "".join(json.dumps({"text": s.text, "ids": s.ids}) + "\n" for s in samples))
@@ -125,13 +127,31 @@ def _generate_images(args) -> None:
     if Path(args.out).suffix.lower() != ".png":
         raise DifflmError(f"image samples are written as a PNG grid; give --out FILE.png, not {args.out}")
     model = load_image_model(resolve_model_dir(args.model), device=resolve_device(args.device))
-    check_request(model.diffusion, args.num_samples, args.steps, args.batch_size)
+    sampler = _sampler(args)
+    check_request(model.diffusion, args.num_samples, args.steps, args.batch_size, sampler=sampler)
     with tqdm(total=args.num_samples, desc="generate", disable=args.no_progress, dynamic_ncols=True) as bar:
-        images = generate_images(model, args.num_samples, steps=args.steps, sampler=args.sampler, seed=args.seed,
+        images = generate_images(model, args.num_samples, steps=args.steps, sampler=sampler, seed=args.seed,
                                  batch_size=args.batch_size, progress=bar.update)
     columns = args.columns or max(1, round(args.num_samples ** 0.5))
     save_png(grid(images, columns), Path(args.out))
     logging.getLogger("difflm").info("wrote a grid of %d samples to %s", len(images), args.out)
+
+
+def _sampler(args):
+    """The sampling.Sampler of --sampler / --order / --grid (one-line errors for combinations it refuses)."""
+    from .sampling import Sampler
+
+    return Sampler(args.sampler, args.grid, args.order)
+
+
+def _add_sampler_arguments(parser) -> None:
+    from .sampling import GRIDS, SAMPLERS
+
+    parser.add_argument("--sampler", default="ddpm", help=f"{', '.join(SAMPLERS)} (default ddpm: ancestral; "
+                        "ddim: deterministic; dpm++: DPM-Solver++, few steps)")
+    parser.add_argument("--order", type=int, default=None, help="dpm++: the solver's order, 1 to 3 (default 2)")
+    parser.add_argument("--grid", default="uniform", help=f"the sampler's time grid: {', '.join(GRIDS)} (default "
+                        "uniform in t; logsnr: uniform in log-SNR; warp: through the model's time-warping CDF)")
 
 
 def read_samples(path: str) -> List[str]:
@@ -165,7 +185,7 @@ def cmd_eval(args) -> None:
 
     if is_image_model(resolve_model_dir(args.model)):
         out = evaluate_images(resolve_model_dir(args.model), _config_for_model(args), args,
-                              "difflm " + " ".join(sys.argv[1:]))
+                              "difflm " + " ".join(sys.argv[1:]), sampler=_sampler(args))
         _add_to_card(args.model, "evaluation", "Evaluation", json.loads((out / "metrics.json").read_text()))
         logging.getLogger("difflm").info("wrote %s and %s", out / "metrics.json", out / "report.md")
         return
@@ -184,11 +204,14 @@ def cmd_eval(args) -> None:
 
         teacher = load_teacher(args.teacher, tokenizer, device=device)
     temperature = sampling_temperature(model, args.temperature)
+    sampler = _sampler(args)
     ev = evaluate_model(model, tokenizer, cfg, samples, metrics, teacher=teacher, num_samples=args.num_samples,
                         steps=args.steps, held_out=args.held_out, bound_draws=args.bound_draws, seed=args.seed,
-                        model_name=args.model, show_progress=not args.no_progress, temperature=temperature)
+                        model_name=args.model, show_progress=not args.no_progress, temperature=temperature,
+                        sampler=sampler)
     out = write_report(ev, args.out, "difflm " + " ".join(sys.argv[1:]))
     sampling = {"samples_from": args.samples} if args.samples else {"sampling_steps": args.steps,
+                                                                     "sampler": sampler.describe(),
                                                                      "temperature": temperature}
     _add_to_card(args.model, "evaluation", "Evaluation",
                  {"samples": ev.samples, "held_out": ev.held_out, **sampling, **ev.metrics})
@@ -214,10 +237,13 @@ def cmd_bench(args) -> None:
 
     device = resolve_device(args.device)
     config = args.config
-    if config is None:  # the recipe's model on a GPU, the tiny one on a CPU
-        name = "e2e.yaml" if device.type == "cuda" else "tiny.yaml"
-        config = str(Path(__file__).resolve().parents[1] / "configs" / name)
-    cfg = load_config(config, args.overrides)
+    if args.model and config is None:
+        cfg = _config_for_model(args)
+    else:
+        if config is None:  # the recipe's model on a GPU, the tiny one on a CPU
+            name = "e2e.yaml" if device.type == "cuda" else "tiny.yaml"
+            config = str(Path(__file__).resolve().parents[1] / "configs" / name)
+        cfg = load_config(config, args.overrides)
     for name in ("steps", "warmup", "vocab"):
         if getattr(args, name) < 1:
             raise DifflmError(f"--{name} must be positive, got {getattr(args, name)}")
@@ -231,10 +257,57 @@ def cmd_bench(args) -> None:
         raise DifflmError(f"--sections {args.sections!r}: choose among {', '.join(SECTIONS)}")
     quality = args.quality_sequences if args.quality_sequences is not None else (128_000 if device.type == "cuda"
                                                                                  else 12_800)
+    if args.model is None and (args.teacher or args.plot):
+        raise DifflmError("--teacher and --plot are for the sampling quality of a trained model: add --model DIR")
+    if args.model and "sampling" not in sections:
+        raise DifflmError("--model measures sampling quality: add sampling to --sections")
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        raise DifflmError(f"--plot writes a PNG: give FILE.png, not {args.plot}")
+    if args.num_samples < 1:
+        raise DifflmError(f"--num-samples must be positive, got {args.num_samples}")
+    try:
+        step_counts = [int(k) for k in args.quality_steps.split(",") if k.strip()]
+    except ValueError:
+        step_counts = []
+    if not step_counts or min(step_counts) < 1:
+        raise DifflmError(f"--quality-steps {args.quality_steps!r}: give positive step counts, e.g. 10,20,50")
+    quality_model = _sampling_quality_inputs(args, device) if args.model else None
     record = _json_lines(Path(args.json)) if args.json else None
+    emit = lambda line: print(line, flush=True)  # noqa: E731
     run(cfg, args.vocab, device, steps=args.steps, warmup=args.warmup, fast_batch=args.batch,
-        sample_batch=args.sample_batch, quality_sequences=quality, sections=sections,
-        emit=lambda line: print(line, flush=True), lr_scale=args.lr_scale, record=record)
+        sample_batch=args.sample_batch, quality_sequences=quality, sections=sections, emit=emit,
+        lr_scale=args.lr_scale, record=record)
+    if quality_model is not None:
+        from .sampler_quality import default_samplers, quality_against_steps
+
+        model, tokenizer, grammar, teacher = quality_model
+        emit(f"\n## Sampling quality against network passes: {args.model}\n")
+        quality_against_steps(model, tokenizer, default_samplers(model), step_counts, num_samples=args.num_samples,
+                              batch_size=args.sample_batch or 256, grammar=grammar, teacher=teacher, emit=emit,
+                              record=record, plot=Path(args.plot) if args.plot else None,
+                              show_progress=not args.no_progress)
+
+
+def _sampling_quality_inputs(args, device):
+    """(model, tokenizer, grammar or None, teacher or None) for the sampling-quality table, loaded before any
+    measurement so that a bad path fails at once."""
+    from .text import load_model
+
+    model, tokenizer = load_model(resolve_model_dir(args.model), device=device)
+    source = _config_for_model(args).data.source
+    grammar = None
+    if source.startswith("builtin:"):
+        from .grammar import builtin_grammar
+
+        grammar = builtin_grammar(source.split(":", 1)[1])
+    teacher = None
+    if args.teacher:
+        from .teacher import load_teacher
+
+        teacher = load_teacher(args.teacher, tokenizer, device=device)
+    if grammar is None and teacher is None:
+        raise DifflmError(f"{args.model} is not on the embedded grammar: give --teacher DIR for its lm-score")
+    return model, tokenizer, grammar, teacher
 
 
 def _json_lines(path: Path):
@@ -267,15 +340,15 @@ def _control_context(args, cfg, device):
     from .classifier import load_classifier
     from .control import ControlContext
     from .guidance import check_guidance_config
+    from .control import guidance_sampler
     from .sampling import check_request
     from .text import load_model
 
     check_guidance_config(cfg.guidance)
-    if cfg.guidance.sampler not in ("ddpm", "ddim"):
-        raise DifflmError(f"unknown guidance.sampler {cfg.guidance.sampler!r}; choose ddpm or ddim")
+    sampler = guidance_sampler(cfg.guidance)
     model, tokenizer = load_model(resolve_model_dir(args.model), device=device)
     check_request(model.diffusion, getattr(args, "num_samples", 1), cfg.guidance.sampling_steps, args.batch_size,
-                  "guidance.sampling_steps")
+                  "guidance.sampling_steps", sampler=sampler, warp=model.time_warp)
     classifiers = {}
     for path in args.classifier or []:
         clf = load_classifier(path, model, device=device)
@@ -406,8 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="a model directory (or a training out_dir)")
     g.add_argument("--num-samples", type=int, required=True)
     g.add_argument("--out", required=True, help="JSON-lines output file")
-    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
-    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps, i.e. network passes (default: all T)")
+    _add_sampler_arguments(g)
     g.add_argument("--clamp", action="store_true", help="clamp each x0 estimate to its nearest word embeddings")
     g.add_argument("--temperature", type=float, default=None,
                    help="model.output=logits: x0 = softmax(logits / T) E; below 1 more fluent, less diverse "
@@ -441,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: all that apply)")
     e.add_argument("--num-samples", type=int, default=256)
     e.add_argument("--steps", type=int, default=200, help="sampling steps when generating")
+    _add_sampler_arguments(e)
     e.add_argument("--temperature", type=float, default=None, help="sampling temperature when generating "
                    "(model.output=logits; see generate)")
     e.add_argument("--held-out", type=int, default=512, help="held-out texts for the bound")
@@ -466,6 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lr-scale", type=float, default=None,
                    help="quality: the larger batch's learning rate over the config's (default: the batch ratio)")
     b.add_argument("--json", help="also write each measured row to this file as a JSON line, as it is measured")
+    b.add_argument("--model", help="sampling: also measure sample quality against steps, sampler by sampler, on "
+                   "this trained model (its config is the default --config)")
+    b.add_argument("--teacher", help="with --model: the teacher LM for lm-score (needed off the embedded grammar)")
+    b.add_argument("--num-samples", type=int, default=256, help="with --model: samples per sampler and step count")
+    b.add_argument("--plot", help="with --model: write quality against network passes to this PNG")
+    b.add_argument("--quality-steps", default="10,20,50,100,200",
+                   help="with --model: the step counts to measure every sampler at (those above T are skipped)")
+    b.add_argument("--no-progress", action="store_true", help="with --model: no progress bar per row")
     b.add_argument("--device", default="auto")
     b.set_defaults(func=cmd_bench)
 

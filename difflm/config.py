@@ -293,12 +293,14 @@ class GuidanceConfig(Section):
     impute: bool = True  # also put fixed tokens (infilling, END/PAD of a length) into each x0 estimate
     free_weight: float = 2.0  # classifier-free guidance: x0 = (1 + w) x0(c) - w x0(no c)
     sampling_steps: int = 200  # sampler steps (Diffusion-LM guides 200 of its 2000)
-    sampler: str = "ddpm"
+    sampler: str = "ddpm"  # ddpm, ddim or dpm++ (sampling.SAMPLERS)
+    grid: str = "uniform"  # the sampler's time grid: uniform, logsnr or warp (sampling.GRIDS)
+    order: int = 0  # dpm++'s order, 1 to 3 (0: its default, 2)
 
     section = "guidance"
     ranges = {"steps": NON_NEGATIVE, "step_size": POSITIVE, "fluency": NON_NEGATIVE, "unguided_last": NON_NEGATIVE,
               "classifier_weight": NON_NEGATIVE, "constraint_weight": NON_NEGATIVE, "free_weight": NON_NEGATIVE,
-              "sampling_steps": Range(1)}
+              "sampling_steps": Range(1), "order": NON_NEGATIVE}
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from .config import GuidanceConfig
 from .data import parse_mr, special_ids
 from .errors import DifflmError
 from .guidance import Guidance
+from .sampling import Sampler
 from .rounding import rounding_logits
 from .text import BatchControl, Sample, SamplingModelFn, generate
 
@@ -311,12 +312,20 @@ def score(samples: Sequence[Sample], targets: Dict[str, List[Target]], tokenizer
     return out
 
 
+def guidance_sampler(g: GuidanceConfig) -> Sampler:
+    """The sampler of guidance.sampler / grid / order, refused in one line naming the section."""
+    try:
+        return Sampler(g.sampler, g.grid, g.order or None)
+    except DifflmError as e:
+        raise DifflmError(f"guidance.sampler/grid/order: {e}") from None
+
+
 def controlled_generate(ctx: ControlContext, targets: Dict[str, List[Target]], seed: int = 0, batch_size: int = 64,
                         progress: Optional[Callable[[int], None]] = None) -> List[ControlledSample]:
     """One sample per entry of the target lists (all the same length), guided toward all of its targets."""
     n = len(next(iter(targets.values())))
     g = ctx.guidance
-    samples = generate(ctx.model, ctx.tokenizer, n, steps=g.sampling_steps, sampler=g.sampler, seed=seed,
+    samples = generate(ctx.model, ctx.tokenizer, n, steps=g.sampling_steps, sampler=guidance_sampler(g), seed=seed,
                        batch_size=batch_size, progress=progress, control=make_control(targets, ctx))
     return score(samples, targets, ctx.tokenizer)
 
@@ -414,7 +423,7 @@ def eval_control(ctx: ControlContext, task_sets: List[List[str]], held_out, teac
     expand = {t: [rows[k // per_target] for k in range(n)] for t, rows in drawn.items()}
     seq_len = ctx.model.config.seq_len
     g = ctx.guidance
-    plain = generate(ctx.model, ctx.tokenizer, n, steps=g.sampling_steps, sampler=g.sampler, seed=seed,
+    plain = generate(ctx.model, ctx.tokenizer, n, steps=g.sampling_steps, sampler=guidance_sampler(g), seed=seed,
                      batch_size=batch_size, progress=progress)
     results = [("unguided", score(plain, expand, ctx.tokenizer))]
     for task_set in task_sets:

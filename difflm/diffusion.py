@@ -110,6 +110,21 @@ class GaussianDiffusion(nn.Module):
         a = self.alpha_bar(t)
         return a / (1 - a)
 
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        """log(alpha_bar / (1 - alpha_bar)) at t (on the discrete grid for a discrete process)."""
+        a = self.alpha_bar(t)
+        return torch.log(a) - torch.log1p(-a)
+
+    def time_of_log_snr(self, log_snr: torch.Tensor, low: float = 0.0, iterations: int = 60) -> torch.Tensor:
+        """The continuous time t in [low, 1] at which the (decreasing) log-SNR equals `log_snr`, by bisection."""
+        lo = torch.full_like(log_snr, low)
+        hi = torch.ones_like(log_snr)
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            above = self.schedule.log_snr(mid).to(log_snr.dtype) > log_snr  # still too little noise at mid
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        return (lo + hi) / 2
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Luo 2022, eq. 69)."""
         a = _bcast(self.alpha_bar(t), x0)

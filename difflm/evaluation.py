@@ -104,18 +104,18 @@ def trajectories(model, tokenizer, count: int = 3, times: Sequence[float] = (1.0
 def evaluate_model(model, tokenizer, cfg: Config, samples: Optional[List[str]], metrics: Sequence[str],
                    teacher=None, num_samples: int = 256, steps: int = 200, held_out: int = 512,
                    bound_draws: int = 16, seed: int = 0, model_name: str = "", show_progress: bool = True,
-                   temperature: Optional[float] = None):
-    """Run the chosen metrics; generate `num_samples` samples (at `temperature`, None: the model's default) when
-    none are given."""
+                   temperature: Optional[float] = None, sampler="ddpm"):
+    """Run the chosen metrics; generate `num_samples` samples (by `sampler` in `steps` steps, at `temperature`,
+    None: the model's default) when none are given."""
     metrics = check_metrics(metrics)
     if "lm_score" in metrics and teacher is None:
         raise DifflmError("lm_score needs --teacher DIR (train one with `difflm train-teacher --model MODEL`)")
     device = model.embedding.weight.device
     if samples is None:
-        check_request(model.diffusion, num_samples, steps, 64)
+        check_request(model.diffusion, num_samples, steps, 64, sampler=sampler, warp=model.time_warp)
         temperature = sampling_temperature(model, temperature)
         with tqdm(total=num_samples, desc="generate", disable=not show_progress, dynamic_ncols=True) as bar:
-            samples = [s.text for s in generate(model, tokenizer, num_samples, steps=steps, seed=seed,
+            samples = [s.text for s in generate(model, tokenizer, num_samples, steps=steps, seed=seed, sampler=sampler,
                                                 progress=bar.update, temperature=temperature)]
     dev_texts = load_texts(cfg.data).dev[:held_out]
     dev_ids, truncated = encode(dev_texts, tokenizer, model.config.seq_len)

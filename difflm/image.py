@@ -384,11 +384,12 @@ def load_image_model(path, device="cpu") -> ImageDiffusionModel:
 
 @torch.no_grad()
 def generate_images(model: ImageDiffusionModel, num_samples: int, steps: Optional[int] = None,
-                    sampler: str = "ddpm", seed: int = 0, batch_size: int = 64, progress=None) -> torch.Tensor:
-    """uint8 samples (N, C, H, W); each x0 estimate is clipped to [-1, 1], the data's range."""
+                    sampler="ddpm", seed: int = 0, batch_size: int = 64, progress=None) -> torch.Tensor:
+    """uint8 samples (N, C, H, W); each x0 estimate is clipped to [-1, 1], the data's range. `sampler`: a
+    sampling.Sampler or its name."""
     from .sampling import check_request, sample
 
-    check_request(model.diffusion, num_samples, steps, batch_size)
+    check_request(model.diffusion, num_samples, steps, batch_size, sampler=sampler)
     c = model.config
     p = next(model.parameters())
     g = torch.Generator(device=p.device).manual_seed(seed)
@@ -396,7 +397,7 @@ def generate_images(model: ImageDiffusionModel, num_samples: int, steps: Optiona
     for i in range(0, num_samples, batch_size):
         b = min(batch_size, num_samples - i)
         x = sample(model.diffusion, model, (b, c.channels, c.image_size, c.image_size), steps=steps,
-                   eta=1.0 if sampler == "ddpm" else 0.0, denoise_fn=lambda x0, t: x0.clamp(-1, 1), generator=g,
+                   sampler=sampler, denoise_fn=lambda x0, t: x0.clamp(-1, 1), generator=g,
                    device=p.device, dtype=p.dtype)
         out.append(to_pixels(x).cpu())
         if progress:
@@ -470,15 +471,16 @@ def bits_per_dim(model: ImageDiffusionModel, pixels: torch.Tensor, draws: int = 
                       terms_bits_per_dim={k: v.double().mean().item() for k, v in terms.items()})
 
 
-def evaluate_images(model_dir: str, cfg: Config, args, command: str) -> Path:
-    """`difflm eval` of an image model: held-out bits/dim with its standard error, and a sample grid; writes
-    metrics.json, report.md and samples.png into args.out (atomically)."""
+def evaluate_images(model_dir: str, cfg: Config, args, command: str, sampler="ddpm") -> Path:
+    """`difflm eval` of an image model: held-out bits/dim with its standard error, and a sample grid by `sampler`
+    (a sampling.Sampler or its name); writes metrics.json, report.md and samples.png into args.out (atomically)."""
     import json
 
     from tqdm.auto import tqdm
 
     from .files import AtomicDir
     from .runtime import resolve_device
+    from .sampling import as_sampler
 
     device = resolve_device(args.device)
     model = load_image_model(model_dir, device=device)
@@ -486,15 +488,18 @@ def evaluate_images(model_dir: str, cfg: Config, args, command: str) -> Path:
     with tqdm(total=len(pixels), desc="bits/dim", disable=args.no_progress, dynamic_ncols=True) as bar:
         bpd = bits_per_dim(model, pixels, draws=args.bound_draws, seed=args.seed, progress=bar.update)
     with tqdm(total=args.num_samples, desc="generate", disable=args.no_progress, dynamic_ncols=True) as bar:
-        images = generate_images(model, args.num_samples, steps=args.steps, seed=args.seed, progress=bar.update)
+        images = generate_images(model, args.num_samples, steps=args.steps, sampler=sampler, seed=args.seed,
+                                 progress=bar.update)
+    sampler = as_sampler(sampler)
     metrics = {"model": str(model_dir), "data": cfg.data.source, "split": cfg.data.dev_split,
-               "bits_per_dim": bpd.to_dict(), "samples": len(images), "sampling_steps": args.steps}
+               "bits_per_dim": bpd.to_dict(), "samples": len(images), "sampling_steps": args.steps,
+               "sampler": sampler.describe()}
     terms = ", ".join(f"{k} {v:.4f}" for k, v in bpd.terms_bits_per_dim.items())
     report = (f"# Evaluation of {model_dir}\n\n`{command}`\n\n"
               f"- held-out images: {bpd.images} of {cfg.data.source} (split {cfg.data.dev_split})\n"
               f"- **bits/dim: {bpd.bits_per_dim:.4f} +- {bpd.se:.4f}** (upper bound on -log2 P(x) / D; "
               f"{bpd.draws_per_image} stratified draws of t per image)\n- terms (bits/dim): {terms}\n\n"
-              f"![samples](samples.png)\n\n{len(images)} samples, {args.steps} ancestral steps.\n")
+              f"![samples](samples.png)\n\n{len(images)} samples, {args.steps} steps ({sampler.describe()}).\n")
     out = Path(args.out)
     with AtomicDir(out) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from .files import AtomicDir
 from .modeling import TextDiffusionConfig, TextDiffusionModel, model_type
 from .precision import DTYPES, autocast, check_precision, latent_dtype
 from .rounding import nearest_embedding, round_to_tokens, rounding_nll
-from .sampling import check_request, sample
+from .sampling import Sampler, as_sampler, check_request, sample
 
 
 class TextLoss(NamedTuple):
@@ -247,7 +247,7 @@ class BatchControl:
 
 @torch.no_grad()
 def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Optional[int] = None,
-             sampler: str = "ddpm", clamp: bool = False, seed: int = 0, batch_size: int = 64,
+             sampler: Union[str, Sampler] = "ddpm", clamp: bool = False, seed: int = 0, batch_size: int = 64,
              progress: Optional[Callable[[int], None]] = None, callback: Optional[Callable] = None,
              control: Optional[Callable[[int, int, SamplingModelFn], BatchControl]] = None,
              precision: str = "fp32", compile: bool = False, from_logits: bool = True,
@@ -255,14 +255,16 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
     """Fixed-length samples decoded by argmax (of the last step's logits for a model with config.output=logits
     unless not `from_logits`, else of the rounding head), START dropped, cut at END.
 
-    `sampler`: ddpm (ancestral) or ddim (eta = 0). `clamp`: replace each x0 estimate by its nearest word
+    `sampler`: a sampling.Sampler (update, order, time grid) or its name: ddpm (ancestral), ddim (eta = 0) or
+    dpm++ (DPM-Solver++, order 2), on the uniform grid. `clamp`: replace each x0 estimate by its nearest word
     embeddings (Diffusion-LM's clamping trick). `progress(n)` is called after each batch of n samples;
     `callback(StepState)` after every sampler step (see sampling.sample). `control(start, stop, model_fn)`
     gives the BatchControl of samples start..stop-1 (control.py). `precision=bf16` runs the network under bf16
     autocast (a CUDA GPU; the sampler's arithmetic stays fp32); `compile` runs it through torch.compile (with CUDA
     graphs on a GPU). `temperature`: see SamplingModelFn (None: the model's default).
     """
-    check_request(model.diffusion, num_samples, steps, batch_size)
+    sampler = as_sampler(sampler)
+    check_request(model.diffusion, num_samples, steps, batch_size, sampler=sampler, warp=model.time_warp)
     check_precision(precision, "--precision")
     temperature = sampling_temperature(model, temperature)
     if compile and control is not None:
@@ -289,7 +291,8 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
 
 
 def sample_ids(model: TextDiffusionModel, model_fn: Callable, batch: int, steps: Optional[int] = None,
-               sampler: str = "ddpm", clamp: bool = False, generator: Optional[torch.Generator] = None,
+               sampler: Union[str, Sampler] = "ddpm", clamp: bool = False,
+               generator: Optional[torch.Generator] = None,
                guide: Optional[Callable] = None, denoise_fn: Optional[Callable] = None,
                callback: Optional[Callable] = None, network_dtype: Optional[torch.dtype] = None,
                from_logits: bool = True) -> torch.Tensor:
@@ -297,8 +300,7 @@ def sample_ids(model: TextDiffusionModel, model_fn: Callable, batch: int, steps:
     last step's logits (config.output=logits, unless not `from_logits`) or of the rounding head on the final x0
     (in the latent dtype too). `denoise_fn` transforms each x0 estimate before the clamping trick (when `clamp`);
     `network_dtype` (bf16) autocasts the sampler's steps, whose own arithmetic stays in fp32."""
-    if sampler not in SAMPLERS:
-        raise DifflmError(f"unknown sampler {sampler!r}; choose {' or '.join(SAMPLERS)}")
+    sampler = as_sampler(sampler)
     cfg, weight = model.config, model.embedding.weight
 
     def clamp_fn(x0, t):  # outside autocast: the nearest-embedding search is part of the sampler's arithmetic
@@ -307,15 +309,13 @@ def sample_ids(model: TextDiffusionModel, model_fn: Callable, batch: int, steps:
 
     with autocast(weight.device.type, network_dtype):
         x = sample(model.diffusion, model_fn, (batch, cfg.seq_len, cfg.embed_dim), steps=steps,
-                   eta=SAMPLERS[sampler], denoise_fn=_chain(denoise_fn, clamp_fn if clamp else None), guide=guide,
-                   generator=generator, device=weight.device, dtype=latent_dtype(weight), callback=callback)
+                   sampler=sampler, denoise_fn=_chain(denoise_fn, clamp_fn if clamp else None), guide=guide,
+                   generator=generator, device=weight.device, dtype=latent_dtype(weight), callback=callback,
+                   warp=model.time_warp)
     logits = getattr(model_fn, "logits", None)
     if from_logits and logits is not None:  # the last step's logits: the most likely word at each position
         return logits.argmax(dim=-1)
     return round_to_tokens(x, model.rounding_weight(x.dtype))
-
-
-SAMPLERS = {"ddpm": 1.0, "ddim": 0.0}  # the sampler's eta: ancestral, deterministic DDIM
 
 
 def compiled_network(model: torch.nn.Module) -> Callable:

@@ -259,13 +259,26 @@ def test_control_bad_inputs(tiny_run, tmp_path, capsys):
              (["--task", "infill", "--target", "Aromi is a pub"], "no free position"),
              (["--classifier", str(tmp_path), "--task", "length", "--target", "3"], "not a classifier directory"),
              (["--task", "content", "--target", "food=Italian", "--free"], "needs a model trained with"),
-             (["--task", "length", "--target", "3", "guidance.step_size=0"], "guidance.step_size must be positive")]
+             (["--task", "length", "--target", "3", "guidance.step_size=0"], "guidance.step_size must be positive"),
+             (["--task", "length", "--target", "3", "guidance.sampler=dpm++", "guidance.order=4"],
+              "guidance.sampler/grid/order: dpm++ has orders 1 to 3, got order 4"),
+             (["--task", "length", "--target", "3", "guidance.grid=warp"], "the warp grid needs a model trained")]
     for extra, message in cases:
         code, _, err = run(capsys, *base, *extra)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
     assert not (tmp_path / "o.jsonl").exists()
     code, _, err = run(capsys, "train-classifier", "--model", str(tiny_run), "--task", "length")
     assert code == 2 and "length and infill need no classifier" in err
+
+
+def test_control_with_dpm_solver(tiny_run, tmp_path, capsys):
+    """Guidance is a hook of every sampler: a length target through DPM-Solver++ on the log-SNR grid."""
+    out = tmp_path / "o.jsonl"
+    code, _, err = run(capsys, "control", "--model", str(tiny_run), "--task", "length", "--target", "4",
+                       "--num-samples", "3", "--out", str(out), "guidance.sampler=dpm++", "guidance.grid=logsnr",
+                       "guidance.sampling_steps=20", "--no-progress")
+    assert code == 0, err
+    assert len(out.read_text().splitlines()) == 3
 
 
 def test_classifier_free_training_and_control(tmp_path, capsys):

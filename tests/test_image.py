@@ -180,7 +180,7 @@ def test_train_generate_eval_commands(tmp_path, capsys):
     assert code == 0, err
     png = tmp_path / "grid.png"
     code, _, err = run(capsys, "generate", "--model", str(out), "--num-samples", "6", "--steps", "5",
-                       "--columns", "3", "--out", str(png), "--no-progress")
+                       "--columns", "3", "--out", str(png), "--no-progress", "--sampler", "dpm++", "--grid", "logsnr")
     assert code == 0, err
     from PIL import Image
 
@@ -196,6 +196,7 @@ def test_train_generate_eval_commands(tmp_path, capsys):
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert 0 < metrics["bits_per_dim"]["bits_per_dim"] < 20 and metrics["bits_per_dim"]["se"] > 0
     assert (tmp_path / "ev" / "samples.png").is_file() and "bits/dim" in stdout
+    assert metrics["sampler"] == "ddpm, uniform grid"
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="../shared/data/mnist is not present")
