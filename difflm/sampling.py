@@ -213,7 +213,8 @@ def sample(diffusion: GaussianDiffusion, model_fn: ModelFn, shape, steps: Option
     grid = time_grid(diffusion, steps, grid=sampler.grid, warp=warp)
     times = grid.tolist() + [0.0]
     levels = diffusion.alpha_bar(grid).tolist()  # abar at each time, float64
-    lambdas = [0.5 * (math.log(a) - math.log1p(-a)) for a in levels]
+    tiny = 1e-300  # a schedule whose alpha_bar reaches 0 or 1 in float64 (cosine at t = 1) keeps a finite lambda
+    lambdas = [0.5 * (math.log(max(a, tiny)) - math.log(max(1 - a, tiny))) for a in levels]
     eta, order, history = sampler.noise, sampler.solver_order, []
     b = shape[0]
     x = torch.randn(shape, generator=generator, device=device, dtype=dtype) if x_T is None else x_T
