@@ -121,6 +121,8 @@ def plot_quality(rows: List[QualityRow], grammar: bool, teacher: bool) -> bytes:
         ax.axhline(getattr(reference, key), color="black", linestyle="--",
                    label=f"{reference.sampler}, {reference.steps:,} passes")
         ax.set_xscale("log")
+        if key == "lm_score":  # a poor row at few passes would squeeze the rest on a linear axis
+            ax.set_yscale("log")
         ax.set_xlabel("network passes per sample")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
