@@ -271,7 +271,7 @@ def cmd_bench(args) -> None:
         step_counts = []
     if not step_counts or min(step_counts) < 1:
         raise DifflmError(f"--quality-steps {args.quality_steps!r}: give positive step counts, e.g. 10,20,50")
-    quality_model = _sampling_quality_inputs(args, device) if args.model else None
+    quality_model = _sampling_quality_inputs(args, cfg, device) if args.model else None
     record = _json_lines(Path(args.json)) if args.json else None
     emit = lambda line: print(line, flush=True)  # noqa: E731
     run(cfg, args.vocab, device, steps=args.steps, warmup=args.warmup, fast_batch=args.batch,
@@ -288,18 +288,14 @@ def cmd_bench(args) -> None:
                               show_progress=not args.no_progress)
 
 
-def _sampling_quality_inputs(args, device):
+def _sampling_quality_inputs(args, cfg, device):
     """(model, tokenizer, grammar or None, teacher or None) for the sampling-quality table, loaded before any
-    measurement so that a bad path fails at once."""
+    measurement so that a bad path fails at once; `cfg` gives the model's data."""
+    from .grammar import source_grammar
     from .text import load_model
 
     model, tokenizer = load_model(resolve_model_dir(args.model), device=device)
-    source = _config_for_model(args).data.source
-    grammar = None
-    if source.startswith("builtin:"):
-        from .grammar import builtin_grammar
-
-        grammar = builtin_grammar(source.split(":", 1)[1])
+    grammar = source_grammar(cfg.data.source)
     teacher = None
     if args.teacher:
         from .teacher import load_teacher

@@ -143,10 +143,11 @@ def evaluate_model(model, tokenizer, cfg: Config, samples: Optional[List[str]], 
         # the same statistics of as many held-out texts: distinct-n and self-BLEU depend on the count
         result.metrics["diversity_held_out"] = asdict(diversity(dev_texts[: len(samples)]))
     if "grammar" in metrics:
-        if not cfg.data.source.startswith("builtin:"):
+        from .grammar import source_grammar
+
+        grammar = source_grammar(cfg.data.source)
+        if grammar is None:
             raise DifflmError(f"the grammar metric needs a model trained on the embedded grammar "
                               f"(data.source builtin:...), not {cfg.data.source}")
-        from .grammar import builtin_grammar
-
-        result.metrics["grammar"] = asdict(grammar_report(builtin_grammar(cfg.data.source.split(":", 1)[1]), samples))
+        result.metrics["grammar"] = asdict(grammar_report(grammar, samples))
     return result

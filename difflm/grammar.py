@@ -159,3 +159,8 @@ BUILTIN = {"restaurants": (RESTAURANTS, RESTAURANT_FIELDS)}
 def builtin_grammar(name: str = "restaurants") -> Grammar:
     rules, fields = BUILTIN[name]
     return Grammar(rules, fields=fields)
+
+
+def source_grammar(source: str):
+    """The embedded grammar a data source `builtin:NAME` draws from, or None for any other source."""
+    return builtin_grammar(source.split(":", 1)[1]) if source.startswith("builtin:") else None

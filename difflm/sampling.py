@@ -66,8 +66,7 @@ class Sampler:
     def __post_init__(self):
         if self.name not in SAMPLERS:
             raise DifflmError(f"unknown sampler {self.name!r}; choose one of {', '.join(SAMPLERS)}")
-        if self.grid not in GRIDS:
-            raise DifflmError(f"unknown time grid {self.grid!r}; choose one of {', '.join(GRIDS)}")
+        check_grid(self.grid)
         if self.order is not None:
             if self.name != "dpm++":
                 raise DifflmError(f"a solver order is for dpm++; {self.name} is a first-order step (drop --order)")
@@ -92,6 +91,11 @@ class Sampler:
         if self.name == "ddim" and self.noise:
             what += f" eta {self.noise:g}"
         return f"{what}, {self.grid} grid"
+
+
+def check_grid(grid: str) -> None:
+    if grid not in GRIDS:
+        raise DifflmError(f"unknown time grid {grid!r}; choose one of {', '.join(GRIDS)}")
 
 
 def as_sampler(sampler: Union[str, Sampler]) -> Sampler:
@@ -130,8 +134,7 @@ def time_grid(diffusion: GaussianDiffusion, steps: Optional[int], option: str = 
     """Decreasing sampling times t_K = 1 > .. > t_1, ending at the first latent (1/T, or t_min in continuous time),
     spaced by `grid` (module docstring; `warp` is the model's TimeWarp for grid=warp). `option` names the setting
     that gave `steps` in the error for a count the grid cannot make."""
-    if grid not in GRIDS:
-        raise DifflmError(f"unknown time grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    check_grid(grid)
     if grid == "warp" and warp is None:
         raise DifflmError("the warp grid needs a model trained with time warping (diffusion.time_warp_bins > 0); "
                           "use grid uniform or logsnr")
