@@ -232,7 +232,7 @@ def _add_to_card(model: str, name: str, title: str, figures: dict) -> None:
 
 def cmd_bench(args) -> None:
     from .bench import SECTIONS, run
-    from .config import load_config
+    from .config import load_config, positive_ints
     from .runtime import resolve_device
 
     device = resolve_device(args.device)
@@ -265,11 +265,8 @@ def cmd_bench(args) -> None:
         raise DifflmError(f"--plot writes a PNG: give FILE.png, not {args.plot}")
     if args.num_samples < 1:
         raise DifflmError(f"--num-samples must be positive, got {args.num_samples}")
-    try:
-        step_counts = [int(k) for k in args.quality_steps.split(",") if k.strip()]
-    except ValueError:
-        step_counts = []
-    if not step_counts or min(step_counts) < 1:
+    step_counts = positive_ints(args.quality_steps)
+    if step_counts is None:
         raise DifflmError(f"--quality-steps {args.quality_steps!r}: give positive step counts, e.g. 10,20,50")
     quality_model = _sampling_quality_inputs(args, cfg, device) if args.model else None
     record = _json_lines(Path(args.json)) if args.json else None

@@ -318,6 +318,15 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def positive_ints(text: str) -> Optional[list]:
+    """The positive integers of a comma-separated list such as "1,2,2", or None if it is not one."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        return None
+    return values if values and min(values) >= 1 else None
+
+
 def _suggest(name: str, options: Sequence[str]) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(options)}"

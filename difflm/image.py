@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .config import Config, DataConfig
+from .config import Config, DataConfig, positive_ints
 from .diffusion import ELBOTerms, GaussianDiffusion, _bcast, _sum_except_batch
 from .errors import DifflmError, loading
 from .modeling import TimeEmbedding, model_type, register_auto_classes
@@ -345,11 +345,8 @@ class ImageObjective(nn.Module):
 # ---- training set-up, sampling, evaluation -----------------------------------------------------------------------
 def image_model_config(cfg: Config) -> ImageDiffusionConfig:
     u = cfg.unet
-    try:
-        mults = [int(m) for m in u.channel_mults.split(",") if m.strip()]
-    except ValueError:
-        mults = []
-    if not mults or min(mults) < 1:
+    mults = positive_ints(u.channel_mults)
+    if mults is None:
         raise DifflmError(f"unet.channel_mults must be positive integers separated by commas, got {u.channel_mults!r}")
     return ImageDiffusionConfig(image_size=cfg.data.image_size, channels=cfg.data.image_channels,
                                 base_channels=u.base_channels, channel_mults=mults, res_blocks=u.res_blocks,
