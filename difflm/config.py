@@ -113,6 +113,7 @@ class DataConfig(Section):
 
 
 OUTPUTS = ("embedding", "logits")
+OBJECTIVES = ("weighted", "elbo")
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,10 @@ class ModelConfig(Section):
     mse_weight: float = 1.0  # weight of the squared x0 error (Diffusion-LM's L_simple)
     ce_weight: float = 0.0  # weight of the cross-entropy of the x0 logits against the tokens (CDCD)
     sample_temperature: float = 1.0  # saved with the model: the default of generate/eval/control --temperature
+    # weighted: mse_weight x squared x0 error + ce_weight x cross-entropy (Diffusion-LM, CDCD); elbo: the
+    # continuous-time ELBO itself, with a learned schedule (VDM, Plaid; text.text_elbo): the likelihood recipe
+    objective: str = "weighted"
+    posterior_logits: bool = False  # logits += the exact per-position posterior log q(w | x_t) (Plaid's output bias)
 
     section = "model"
     ranges = {"embed_dim": Range(1), "hidden_size": Range(1), "num_layers": Range(1), "num_heads": Range(1),
@@ -148,6 +153,14 @@ class ModelConfig(Section):
         if self.sample_temperature != 1 and self.output != "logits":
             raise DifflmError(f"model.sample_temperature={self.sample_temperature:g} needs model.output=logits (it "
                               f"sharpens softmax(logits / T) E); this model has model.output={self.output}")
+        if self.objective not in OBJECTIVES:
+            raise DifflmError(f"unknown model.objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.objective == "elbo" and self.output != "logits":
+            raise DifflmError(f"model.objective=elbo needs model.output=logits (its reconstruction term is the "
+                              f"network's cross-entropy at t = 0); this model has model.output={self.output}")
+        if self.posterior_logits and self.output != "logits":
+            raise DifflmError(f"model.posterior_logits adds to the network's logits; it needs model.output=logits, "
+                              f"not model.output={self.output}")
         if self.mse_weight == 0 and self.ce_weight == 0:
             raise DifflmError("model.mse_weight and model.ce_weight are both 0: nothing would train the denoiser")
 
@@ -169,7 +182,7 @@ class UNetConfig(Section):
 @dataclass(frozen=True)
 class DiffusionConfig(Section):
     schedule: str = "sqrt"
-    num_steps: int = 2000
+    num_steps: Optional[int] = 2000  # null: continuous time
     prediction: str = "x0"
     log_snr_max: float = 10.0  # log-SNR at t = 0 and t = 1, for the logsnr-linear and learned schedules
     log_snr_min: float = -10.0

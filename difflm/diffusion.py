@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import DifflmError
-from .schedules import Schedule
+from .schedules import EndpointSchedule, Schedule
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PREDICTIONS = ("x0", "eps", "score", "v")
@@ -61,6 +61,59 @@ class ELBOTerms:
     @property
     def total(self) -> torch.Tensor:
         return self.reconstruction + self.prior + self.diffusion
+
+
+@dataclass
+class NoiseLevel:
+    """The noise level at per-example times t (continuous time): log-SNR and its slope in t, each (B,)."""
+
+    log_snr: torch.Tensor
+    slope: torch.Tensor  # d log_snr / dt (negative: the signal falls as t grows)
+
+    @property
+    def alpha_bar(self) -> torch.Tensor:
+        return torch.sigmoid(self.log_snr)
+
+    @property
+    def snr_derivative(self) -> torch.Tensor:
+        """d SNR / dt = SNR(t) * d log_snr / dt."""
+        return torch.exp(self.log_snr) * self.slope
+
+
+class VarianceGradient:
+    """The schedule gradient that minimizes the variance of the diffusion term (Kingma et al. 2021, appendix I.2;
+    Plaid trains its schedule this way). In continuous time the ELBO depends on the schedule only through its
+    endpoints, so the gradient of the loss with respect to the shape u(t) of the schedule between them is pure
+    noise in expectation; the shape is better spent minimizing E[L^2], the estimator's second moment, whose
+    gradient is E[2 L dL/du]. `wrap(u)` is the identity in the forward pass and, in the backward pass, scales
+    each example's gradient by L_i / mean(L), where L_i (B,) is that example's diffusion term, handed over by
+    `set_loss` once the loss is known (before backward): the gradient of E[L^2] divided by the positive constant
+    2 mean(L), which keeps its direction and gives it the scale of the loss's own (unscaled, the squared loss's
+    gradient would dwarf the network's under a global gradient-norm clip). The endpoints keep the loss's own
+    gradient."""
+
+    def __init__(self):
+        self.scale: Optional[torch.Tensor] = None
+
+    def set_loss(self, diffusion: torch.Tensor) -> None:
+        d = diffusion.detach()
+        self.scale = d / d.mean().clamp(min=1e-30)
+
+    def wrap(self, u: torch.Tensor) -> torch.Tensor:
+        return _ScaledGradient.apply(u, self) if u.requires_grad else u
+
+
+class _ScaledGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, holder):
+        ctx.holder = holder
+        return u.view_as(u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.holder.scale is None:
+            raise RuntimeError("VarianceGradient: backward before set_loss")
+        return grad * ctx.holder.scale.to(grad.dtype), None
 
 
 class GaussianDiffusion(nn.Module):
@@ -125,9 +178,11 @@ class GaussianDiffusion(nn.Module):
             lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
         return (lo + hi) / 2
 
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Luo 2022, eq. 69)."""
-        a = _bcast(self.alpha_bar(t), x0)
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                 alpha_bar: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Luo 2022, eq. 69); `alpha_bar` (B,) if given
+        (a NoiseLevel's), else the schedule's at t."""
+        a = _bcast(self.alpha_bar(t) if alpha_bar is None else alpha_bar, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def q_posterior(self, x0, x_t, s, t):
@@ -168,20 +223,26 @@ class GaussianDiffusion(nn.Module):
         return torch.full((batch,), t0, device=device, dtype=dtype)
 
     def sample_t(self, batch: int, device, generator=None, low_step: int = 1, dtype=torch.float32,
-                 stratum: Optional[tuple] = None) -> torch.Tensor:
+                 stratum: Optional[tuple] = None, low_discrepancy: bool = False) -> torch.Tensor:
         """Uniform training times: steps low_step..T (discrete) or U(t_min, 1) (continuous).
 
         `stratum=(a, b)` restricts the draw to that slice of the range (fractions, 0 <= a < b <= 1); estimates from
         `diffusion_term` at such times, weighted by (b - a) and summed over a partition, are unbiased (stratified
-        sampling, see `time_strata`)."""
+        sampling, see `time_strata`). `low_discrepancy` (continuous time): u_i = (u + i / B) mod 1 with one
+        u ~ U(0, 1) for the batch (Kingma et al. 2021, appendix I.1): each t_i is still uniform, so every
+        per-example estimate stays unbiased, while the batch covers the range evenly (a lower-variance mean)."""
         a, b = stratum or (0.0, 1.0)
         if self.discrete:
             span = self.num_steps + 1 - low_step
             lo, hi = low_step + round(a * span), low_step + round(b * span)
             i = torch.randint(lo, hi, (batch,), device=device, generator=generator)
             return i.to(dtype) / self.num_steps
-        u = a + (b - a) * torch.rand(batch, device=device, generator=generator, dtype=dtype)
-        return self.t_min + (1 - self.t_min) * u
+        if low_discrepancy:
+            u0 = torch.rand((), device=device, generator=generator, dtype=torch.float64)
+            u = ((u0 + torch.arange(batch, device=device, dtype=torch.float64) / batch) % 1.0).to(dtype)
+        else:
+            u = torch.rand(batch, device=device, generator=generator, dtype=dtype)
+        return self.t_min + (1 - self.t_min) * (a + (b - a) * u)
 
     def time_strata(self, count: int, low_step: int = 1, smallest: float = 1e-4) -> list:
         """A partition of the time range into at most `count` slices (a, b), geometrically finer towards t_min,
@@ -219,19 +280,33 @@ class GaussianDiffusion(nn.Module):
         (Luo 2022 eq. 108 in SNR form, Kingma et al. 2021 eq. 13). Continuous (t ~ U(t_min, 1)):
         (1 - t_min) * -1/2 SNR'(t) ||x0 - x0_hat||^2 (Kingma et al. 2021 eq. 17).
         """
-        err = _sum_except_batch((x0 - x0_hat) ** 2)
+        return self.diffusion_weight(t) * _sum_except_batch((x0 - x0_hat) ** 2)
+
+    def diffusion_weight(self, t: torch.Tensor, level: Optional[NoiseLevel] = None) -> torch.Tensor:
+        """The weight w(t) (B,) of ||x0 - x0_hat||^2 in `diffusion_term`; continuous time from `level` if given."""
         if self.discrete:
             s = t - 1.0 / self.num_steps
-            return (self.num_steps - 1) * 0.5 * (self.snr(s) - self.snr(t)) * err
-        return (1 - self.t_min) * 0.5 * -self.snr_derivative(t) * err
+            return (self.num_steps - 1) * 0.5 * (self.snr(s) - self.snr(t))
+        level = level or self.noise_level(t)
+        return ((1 - self.t_min) * 0.5 * -level.snr_derivative).to(t.dtype)
 
-    def snr_derivative(self, t: torch.Tensor) -> torch.Tensor:
-        """d SNR / dt = SNR(t) * d log_snr / dt, by autograd through the schedule (continuous time)."""
+    def noise_level(self, t: torch.Tensor, variance: Optional[VarianceGradient] = None) -> NoiseLevel:
+        """log-SNR and its slope at continuous times t (B,), the slope by autograd through the schedule (kept
+        differentiable where the schedule is learned and gradients are on). `variance`: the schedule's shape u(t)
+        between its endpoints (an EndpointSchedule) gets the variance-minimizing gradient (VarianceGradient)."""
+        differentiable = self.schedule.learnable and torch.is_grad_enabled()
         with torch.enable_grad():
             tt = t.detach().requires_grad_(True)
-            log_snr = self.schedule.log_snr(tt)
-            (grad,) = torch.autograd.grad(log_snr.sum(), tt, create_graph=self.schedule.learnable)
-        return (torch.exp(log_snr) * grad).to(t.dtype)
+            if variance is not None and isinstance(self.schedule, EndpointSchedule):
+                u = self.schedule.unit(tt)
+                (du,) = torch.autograd.grad(u.sum(), tt, create_graph=differentiable)
+                log_snr, slope = self.schedule.from_unit(variance.wrap(u), variance.wrap(du))
+            else:
+                log_snr = self.schedule.log_snr(tt)
+                (slope,) = torch.autograd.grad(log_snr.sum(), tt, create_graph=differentiable)
+        if not differentiable:
+            log_snr, slope = log_snr.detach(), slope.detach()
+        return NoiseLevel(log_snr=log_snr.to(t.dtype), slope=slope.to(t.dtype))
 
     def gaussian_reconstruction(self, model_fn: ModelFn, x0, noise) -> torch.Tensor:
         """-log p(x0 | x_1) with p(x0 | x_1) = N(x0_hat(x_1), 1/SNR(t_1) I): the decoder whose variance is that
@@ -242,11 +317,14 @@ class GaussianDiffusion(nn.Module):
         var = _bcast(1.0 / self.snr(t), x0).expand_as(x0)
         return -_sum_except_batch(gaussian_log_prob(x0, x0_hat, var))
 
-    def elbo(self, model_fn: ModelFn, x0: torch.Tensor, reconstruction=None, t=None, generator=None) -> ELBOTerms:
+    def elbo(self, model_fn: ModelFn, x0: torch.Tensor, reconstruction=None, t=None, generator=None,
+             variance: Optional[VarianceGradient] = None) -> ELBOTerms:
         """The three terms of -ELBO per example (Luo 2022, eq. 45), the diffusion term by one sample of t.
 
         `reconstruction(model_fn, x0, noise) -> (B,)` is the modality's -log p(x0 | x_1); by default the
         Gaussian decoder `gaussian_reconstruction`. `t` fixes the diffusion term's time (discrete: i >= 2).
+        `variance` (continuous time): the schedule's shape gets the variance-minimizing gradient; call its
+        `set_loss` with the returned diffusion term before backward.
         """
         reconstruction = reconstruction or self.gaussian_reconstruction
         b = x0.shape[0]
@@ -258,8 +336,10 @@ class GaussianDiffusion(nn.Module):
             diff = torch.zeros(b, device=x0.device, dtype=x0.dtype)
         else:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            x_t = self.q_sample(x0, t, noise)
-            diff = self.diffusion_term(x0, self.predict_x0(model_fn(x_t, t), x_t, t), t)
+            level = None if self.discrete else self.noise_level(t, variance)
+            x_t = self.q_sample(x0, t, noise, None if level is None else level.alpha_bar)
+            err = _sum_except_batch((x0 - self.predict_x0(model_fn(x_t, t), x_t, t)) ** 2)
+            diff = self.diffusion_weight(t, level) * err
         return ELBOTerms(reconstruction=recon, prior=self.prior_kl(x0), diffusion=diff)
 
 

@@ -20,7 +20,8 @@ from .errors import DifflmError
 from .metrics import bound_report, diversity, grammar_report
 from .rounding import round_to_tokens
 from .sampling import check_request
-from .text import embed_with_noise, generate, sampling_temperature
+from .metrics import is_elbo_model
+from .text import bound_model_fn, embed_with_noise, generate, sampling_temperature
 
 log = logging.getLogger("difflm")
 METRICS = ("bound", "lm_score", "diversity", "grammar")
@@ -28,11 +29,13 @@ METRICS = ("bound", "lm_score", "diversity", "grammar")
 
 @dataclass
 class DenoisingCurve:
-    """Per-element x0 error and its ELBO weight along t, on held-out text (discrete steps)."""
+    """Per-element x0 error along t on held-out text, and where the bound's diffusion nats are spent."""
 
     t: List[float]
     mse: List[float]  # E ||x0 - x0_hat||^2 / (L d)
-    kl_per_step: List[float]  # 1/2 (SNR_{t-1} - SNR_t) E ||x0 - x0_hat||^2, nats per sequence
+    nats_per_decade: List[float]  # the diffusion term's density over log10 t (nats per sequence): its area is the term
+    share_by_decade: Dict[str, float]  # the diffusion term's share in each decade of t (from the points, trapezoids)
+    kl_per_step: List[float] = field(default_factory=list)  # discrete: 1/2 (SNR_{t-1} - SNR_t) E||x0 - x0_hat||^2
 
 
 @dataclass
@@ -66,21 +69,44 @@ def check_metrics(names: Sequence[str]) -> List[str]:
 
 @torch.no_grad()
 def denoising_curve(model, ids: torch.Tensor, points: int = 40, seed: int = 0) -> DenoisingCurve:
-    """x0 error at `points` discrete steps spaced geometrically from step 2 to T."""
+    """x0 error and the diffusion term's density at `points` times spaced geometrically: steps 2..T (discrete)
+    or t in [max(t_min, 1e-4), 1] (continuous), on the latents and network the bound scores (metrics.text_bound)."""
     d = model.diffusion
-    steps = torch.logspace(math.log10(2), math.log10(d.num_steps), points).round().long().unique()
     g = torch.Generator(device=ids.device).manual_seed(seed)
-    x0, b = embed_with_noise(model, ids, g).x0, ids.shape[0]
-    ts, mse, kl = [], [], []
-    for i in steps.tolist():
-        t = torch.full((b,), i / d.num_steps, device=ids.device)
+    if d.discrete:
+        steps = torch.logspace(math.log10(2), math.log10(d.num_steps), points).round().long().unique()
+        times, span = (steps.double() / d.num_steps).tolist(), (d.num_steps - 1) / d.num_steps
+    else:
+        low = max(d.t_min, 1e-4)
+        times, span = torch.logspace(math.log10(low), 0, points, dtype=torch.float64).tolist(), 1 - d.t_min
+    elbo = is_elbo_model(model)
+    x0 = model.embed(ids) if elbo else embed_with_noise(model, ids, g).x0
+    net = bound_model_fn(model)
+    b = ids.shape[0]
+    mse, density, kl = [], [], []
+    for time in times:
+        t = torch.full((b,), time, device=ids.device)
         x_t = d.q_sample(x0, t, torch.randn(x0.shape, generator=g, device=x0.device))
-        err = ((x0 - d.predict_x0(model(x_t, t), x_t, t)) ** 2).sum(dim=(1, 2))  # (B,)
-        s = t - 1.0 / d.num_steps
-        ts.append(i / d.num_steps)
+        err = ((x0 - d.predict_x0(net(x_t, t), x_t, t)) ** 2).sum(dim=(1, 2))  # (B,)
         mse.append(err.mean().item() / x0[0].numel())
-        kl.append((0.5 * (d.snr(s) - d.snr(t)) * err).mean().item())
-    return DenoisingCurve(t=ts, mse=mse, kl_per_step=kl)
+        density.append((d.diffusion_weight(t) * err).mean().item() / span)  # nats per unit t
+        if d.discrete:
+            kl.append((0.5 * (d.snr(t - 1.0 / d.num_steps) - d.snr(t)) * err).mean().item())
+    per_decade = [f * time * math.log(10) for f, time in zip(density, times)]
+    return DenoisingCurve(t=times, mse=mse, nats_per_decade=per_decade,
+                          share_by_decade=_decade_shares(times, per_decade), kl_per_step=kl)
+
+
+def _decade_shares(times: Sequence[float], per_decade: Sequence[float]) -> Dict[str, float]:
+    """The share of the area under per_decade (over log10 t, trapezoids) in each decade of t."""
+    logs = [math.log10(t) for t in times]
+    areas: Dict[str, float] = {}
+    for (l0, l1), (f0, f1) in zip(zip(logs, logs[1:]), zip(per_decade, per_decade[1:])):
+        top = math.ceil(round(l1, 9))  # the decade (10^(top-1), 10^top] the slice ends in
+        key = f"{10.0 ** (top - 1):g}..{10.0 ** top:g}"
+        areas[key] = areas.get(key, 0.0) + 0.5 * (f0 + f1) * (l1 - l0)
+    total = sum(areas.values()) or 1.0
+    return {k: v / total for k, v in areas.items()}
 
 
 def trajectories(model, tokenizer, count: int = 3, times: Sequence[float] = (1.0, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1,
@@ -122,15 +148,22 @@ def evaluate_model(model, tokenizer, cfg: Config, samples: Optional[List[str]], 
     dev_ids = dev_ids.to(device)
     result = Evaluation(model=model_name, samples=len(samples), held_out=len(dev_texts), examples=samples[:10])
     if "bound" in metrics:
-        for continuous in (False, True):
+        from .grammar import source_grammar
+
+        grammar = source_grammar(cfg.data.source)
+        exact = None
+        if grammar is not None and not truncated:  # the true -log p of each held-out sentence
+            exact = torch.tensor([-grammar.log_prob(text) for text in dev_texts], dtype=torch.float64)
+        for continuous in (False, True) if model.diffusion.discrete else (True,):
             with tqdm(total=len(dev_ids), desc=f"bound ({'continuous' if continuous else 'discrete'})",
                       disable=not show_progress, dynamic_ncols=True) as bar:
                 rep = bound_report(model, dev_ids, continuous=continuous, draws=bound_draws, seed=seed,
-                                   progress=bar.update)
+                                   progress=bar.update, exact=exact)
             result.metrics[f"bound_{rep.time}"] = rep.to_dict()
-        result.metrics["bound_discrete"]["truncated_held_out_texts"] = truncated
+        result.metrics[next(k for k in result.metrics if k.startswith("bound_"))]["truncated_held_out_texts"] = truncated
         result.curve = denoising_curve(model, dev_ids[:128], seed=seed)
-        result.trajectories = trajectories(model, tokenizer, steps=min(steps, model.diffusion.num_steps), seed=seed)
+        result.trajectories = trajectories(model, tokenizer, steps=min(steps, model.diffusion.num_steps or steps),
+                                           seed=seed)
     if "lm_score" in metrics:
         from .teacher import lm_score
 

@@ -14,7 +14,11 @@ import torch
 
 from .diffusion import GaussianDiffusion
 from .rounding import rounding_nll
-from .text import embed_with_noise
+from .text import bound_model_fn, embed_with_noise, text_elbo
+
+
+def is_elbo_model(model) -> bool:
+    return getattr(model.config, "objective", "weighted") == "elbo"
 
 LN2 = math.log(2.0)
 
@@ -43,7 +47,10 @@ TERMS = ("rounding", "reconstruction", "diffusion", "prior", "entropy")
 
 
 def continuous_twin(diffusion: GaussianDiffusion) -> GaussianDiffusion:
-    """The continuous-time process of a discrete one: same schedule and prediction, starting at t_min = 1/T."""
+    """The continuous-time process of a discrete one: same schedule and prediction, starting at t_min = 1/T (a
+    continuous process is its own twin)."""
+    if not diffusion.discrete:
+        return diffusion
     return GaussianDiffusion(diffusion.schedule, num_steps=None, prediction=diffusion.prediction,
                              t_min=1.0 / diffusion.num_steps)
 
@@ -59,16 +66,25 @@ def text_bound(model, ids: torch.Tensor, continuous: bool = False, generator: Op
 
     the core's ELBO (`GaussianDiffusion.elbo`, Gaussian decoder at x_1) in discrete time or, with `continuous`,
     in continuous time from t = 1/T. A self-conditioned network is scored without its previous estimate.
+    A model trained on the ELBO (config.objective=elbo, continuous time) has its own chain w -> z_0 .. z_1
+    (`text.text_elbo`, self-conditioned as it samples): there the rounding and entropy terms are 0 and the
+    reconstruction is -log p(w | z_0) of the network's logits.
     `stratum=(a, b)` draws the diffusion term's time from that slice of the range (see `sample_t`); the
     diffusion term then estimates the whole sum and must be weighted by (b - a) over a partition.
     """
     diffusion = model.diffusion
+    if is_elbo_model(model):
+        t = diffusion.sample_t(ids.shape[0], ids.device, generator=generator, stratum=stratum)
+        terms = text_elbo(model, ids, generator, t=t)
+        zero = torch.zeros_like(terms.prior)
+        return TextBound(rounding=zero, reconstruction=terms.reconstruction, diffusion=terms.diffusion,
+                         prior=terms.prior, entropy=zero)
     if continuous:
         diffusion = continuous_twin(diffusion)
     latent = embed_with_noise(model, ids, generator)
     x0 = latent.x0
     t = diffusion.sample_t(ids.shape[0], ids.device, generator=generator, low_step=2, dtype=x0.dtype, stratum=stratum)
-    terms = diffusion.elbo(lambda x, t: model(x, t), x0, t=t, generator=generator)
+    terms = diffusion.elbo(bound_model_fn(model), x0, t=t, generator=generator)
     entropy = 0.5 * x0[0].numel() * (1 + torch.log(2 * math.pi * latent.var0))
     return TextBound(rounding=rounding_nll(x0, model.rounding_weight(x0.dtype), ids),
                      reconstruction=terms.reconstruction, diffusion=terms.diffusion, prior=terms.prior, entropy=entropy)
@@ -98,6 +114,9 @@ class BoundReport:
     perplexity_bound: float
     nats_per_position: Estimate
     terms_per_sequence: Dict[str, float]
+    # with the exact -log p(w) of each sequence (the embedded grammar): bound minus it, paired per sequence
+    gap_to_exact: Optional[Estimate] = None
+    exact_nats_per_sequence: Optional[float] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,11 +148,15 @@ def stratified(draw: Callable[[tuple], Dict[str, torch.Tensor]], strata: List[tu
 
 
 def bound_report(model, ids: torch.Tensor, continuous: bool = False, draws: int = 1, batch_size: int = 64,
-                 seed: int = 0, progress: Optional[Callable[[int], None]] = None) -> BoundReport:
+                 seed: int = 0, progress: Optional[Callable[[int], None]] = None,
+                 exact: Optional[torch.Tensor] = None) -> BoundReport:
     """The bound per sequence from stratified draws: one draw of `text_bound` in each slice of
     `time_strata(draws)` (geometric, finer near t = 0, where the sqrt schedule's weights are heavy), the
-    diffusion term weighted by the slice's width, the other terms averaged; standard errors across sequences."""
+    diffusion term weighted by the slice's width, the other terms averaged; standard errors across sequences.
+    `exact` (N,): the true -log p(w) of each sequence where known (the embedded grammar); the report then has
+    the gap bound - exact, paired per sequence (its mean estimates E_w[bound] - H; never below 0 in truth)."""
     model.eval()
+    continuous = continuous or not model.diffusion.discrete
     g = torch.Generator(device=ids.device).manual_seed(seed)
     process = continuous_twin(model.diffusion) if continuous else model.diffusion
     strata = process.time_strata(draws, low_step=2)
@@ -154,7 +177,9 @@ def bound_report(model, ids: torch.Tensor, continuous: bool = False, draws: int 
         nats_per_sequence=nats_seq, nats_per_token=nats_tok,
         bits_per_token=Estimate(nats_tok.mean / LN2, nats_tok.se / LN2), perplexity_bound=math.exp(nats_tok.mean),
         nats_per_position=Estimate(nats_seq.mean / ids.shape[1], nats_seq.se / ids.shape[1]),
-        terms_per_sequence={k: getattr(bound, k).double().mean().item() for k in TERMS})
+        terms_per_sequence={k: getattr(bound, k).double().mean().item() for k in TERMS},
+        gap_to_exact=None if exact is None else _estimate(bound.nll.double() - exact.double().to(bound.nll.device)),
+        exact_nats_per_sequence=None if exact is None else exact.double().mean().item())
 
 
 # ---- diversity -------------------------------------------------------------------------------------------------

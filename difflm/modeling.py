@@ -33,7 +33,8 @@ class TextDiffusionConfig(PretrainedConfig):
                  unconditional_prob: float = 0.1, output: str = "embedding", embedding_norm: bool = False,
                  log_snr_max: float = 10.0, log_snr_min: float = -10.0, noise_scale: float = 1.0,
                  time_warp_bins: int = 0, mse_weight: float = 1.0, ce_weight: float = 0.0,
-                 sample_temperature: float = 1.0, **kwargs):
+                 sample_temperature: float = 1.0, objective: str = "weighted", posterior_logits: bool = False,
+                 **kwargs):
         self.vocab_size, self.seq_len, self.embed_dim = vocab_size, seq_len, embed_dim
         self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
         self.intermediate_size, self.dropout = intermediate_size, dropout
@@ -48,6 +49,8 @@ class TextDiffusionConfig(PretrainedConfig):
         self.time_warp_bins = time_warp_bins  # 0: uniform t in training
         self.mse_weight, self.ce_weight = mse_weight, ce_weight  # the training loss (text.text_loss)
         self.sample_temperature = sample_temperature  # the default sampling temperature (text.SamplingModelFn)
+        self.objective = objective  # weighted or elbo (text.text_loss / text.text_elbo)
+        self.posterior_logits = posterior_logits  # logits += the exact posterior's (TextDiffusionModel.forward)
         super().__init__(**kwargs)
 
     def build_schedule(self):
@@ -168,8 +171,25 @@ class TextDiffusionModel(PreTrainedModel):
         if self.config.output != "logits":
             return (out.to(x_t.dtype), None) if return_logits else out.to(x_t.dtype)
         logits = out.float()
+        if getattr(self.config, "posterior_logits", False):
+            logits = logits + self.posterior_logits(x_t, t)
         x0 = self.expected_embedding(logits, x_t.dtype)
         return (x0, logits) if return_logits else x0
+
+    def posterior_logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """log q(w_i | x_t) up to a constant for a uniform prior over words, position by position (B, L, V):
+
+            log N(x_t; alpha_t e_w, sigma_t^2 I) = alpha_t / sigma_t^2 x_t . e_w - alpha_t^2 / (2 sigma_t^2) ||e_w||^2 + c,
+
+        alpha_t^2 = alpha_bar(t), sigma_t^2 = 1 - alpha_bar(t). Added to the network's logits
+        (config.posterior_logits, Plaid's output bias), it makes the network learn only the context's correction
+        to the exact single-position posterior, which dominates at low noise, where the ELBO weights are largest.
+        The embeddings and x_t get gradients through it (the posterior sharpens as the embeddings part, which is
+        what holds them apart against the diffusion term); the schedule does not."""
+        a = self.diffusion.alpha_bar(t).detach().float()  # (B,)
+        e = self.embedding_matrix(torch.float32)
+        scale = (a.sqrt() / (1 - a))[:, None, None]
+        return scale * (x_t.float() @ e.T) - (a / (2 * (1 - a)))[:, None, None] * (e * e).sum(-1)
 
     def expected_embedding(self, logits: torch.Tensor, dtype: torch.dtype, temperature: float = 1.0) -> torch.Tensor:
         """softmax(logits / temperature) E: (B, L, d), the x0 estimate of a categorical output. A temperature

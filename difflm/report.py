@@ -24,8 +24,11 @@ def _plots(ev: Evaluation, out: Path) -> List[str]:
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
         a.loglog(ev.curve.t, ev.curve.mse, marker=".")
         a.set(xlabel="t", ylabel="E||x0 - x0_hat||^2 per element", title="denoising error on held-out text")
-        b.loglog(ev.curve.t, ev.curve.kl_per_step, marker=".", color="C1")
-        b.set(xlabel="t", ylabel="nats per sequence", title="denoising KL of one step (ELBO weight x error)")
+        b.semilogx(ev.curve.t, ev.curve.nats_per_decade, marker=".", color="C1")
+        shares = ", ".join(f"{k}: {v:.0%}" for k, v in ev.curve.share_by_decade.items())
+        b.set(xlabel="t", ylabel="nats per sequence per decade of t",
+              title="where the bound's diffusion nats are spent (area = nats)")
+        b.text(0.02, 0.97, textwrap.fill(shares, 60), transform=b.transAxes, va="top", fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "denoising.png", dpi=110)
         plt.close(fig)
@@ -89,6 +92,11 @@ def markdown(ev: Evaluation, plots: List[str], command: str) -> str:
                       f"| {r['perplexity_bound']:.4g} | {_fmt(r['nats_per_position'])} |", "",
                       "Terms (nats per sequence): " + ", ".join(f"{k} {v:.3f}" for k, v in
                                                               r["terms_per_sequence"].items()), ""]
+            if r.get("gap_to_exact"):
+                lines += [f"**Gap to the exact answer: {_fmt(r['gap_to_exact'])} nats per sentence** (the bound minus "
+                          f"the true -log p of each held-out sentence, paired; their mean is "
+                          f"{r['exact_nats_per_sequence']:.3f}, the grammar's entropy estimated on these sentences).",
+                          ""]
     if "lm_score" in m:
         lines += ["## lm-score (teacher LM perplexity)", "", "| samples | held-out text (the floor) |",
                   "| ---: | ---: |", f"| {m['lm_score']['samples']:.3f} | {m['lm_score']['held_out_text']:.3f} |", ""]

@@ -112,7 +112,32 @@ class Sqrt(Schedule):
         return self._f(grid) / self._f(torch.zeros_like(grid))
 
 
-class LogSNRLinear(Schedule):
+class EndpointSchedule(Schedule):
+    """A log-SNR with explicit endpoints: log_snr(t) = log_snr_max - (log_snr_max - log_snr_min) u(t), where the
+    "unit" schedule u rises monotonically from u(0) = 0 to u(1) = 1. The split is what the ELBO objective needs
+    (Kingma et al. 2021, appendix I.2; Plaid): the continuous-time ELBO depends on the schedule only through its
+    endpoints, so they get the loss's own gradient while u's parameters (if any) get the gradient of the loss's
+    variance (`GaussianDiffusion.noise_level`)."""
+
+    def endpoints(self):
+        """(log_snr_max, log_snr_min) as tensors (differentiable where learned)."""
+        raise NotImplementedError
+
+    def unit(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def from_unit(self, u: torch.Tensor, du: torch.Tensor):
+        """(log_snr, d log_snr / dt) from u(t) and du/dt."""
+        hi, lo = self.endpoints()
+        return hi - (hi - lo) * u, -(hi - lo) * du
+
+    def log_snr(self, t):
+        t = torch.as_tensor(t)
+        hi, lo = self.endpoints()
+        return hi - (hi - lo) * self.unit(t)
+
+
+class LogSNRLinear(EndpointSchedule):
     """log_snr(t) linear from `log_snr_max` at t=0 to `log_snr_min` at t=1 (VDM's fixed baseline schedule).
 
     Unlike the others it keeps a finite SNR at t = 0, so the continuous-time ELBO needs no t_min.
@@ -124,6 +149,12 @@ class LogSNRLinear(Schedule):
         super().__init__()
         self.log_snr_max, self.log_snr_min = log_snr_max, log_snr_min
 
+    def endpoints(self):
+        return torch.tensor(self.log_snr_max), torch.tensor(self.log_snr_min)
+
+    def unit(self, t):
+        return t
+
     def log_snr(self, t):
         return self.log_snr_max + (self.log_snr_min - self.log_snr_max) * t
 
@@ -133,10 +164,10 @@ class _PositiveLinear(nn.Linear):
         return nn.functional.linear(x, nn.functional.softplus(self.weight), self.bias)
 
 
-class Learned(Schedule):
+class Learned(EndpointSchedule):
     """Learned monotone log-SNR (Kingma et al. 2021, appendix H): gamma(t) = -log_snr(t) is a monotone network
     l1(t) + l3(phi(l2(l1(t)))) with positive weights, rescaled so that log_snr(0) = log_snr_max and
-    log_snr(1) = log_snr_min (both learnable endpoints)."""
+    log_snr(1) = log_snr_min (both learnable endpoints: gamma_0 = -log_snr_max, gamma_1 = -log_snr_min)."""
 
     name = "learned"
 
@@ -154,15 +185,29 @@ class Learned(Schedule):
         h = self.l1(t[..., None])
         return (h + self.l3(torch.sigmoid(self.l2(h))))[..., 0]
 
-    def log_snr(self, t):
+    def endpoints(self):
+        return -self.gamma_0, -self.gamma_1
+
+    def unit(self, t):
         t = torch.as_tensor(t, dtype=self.gamma_0.dtype, device=self.gamma_0.device)
         g0, g1 = self._gamma_tilde(torch.zeros_like(t)), self._gamma_tilde(torch.ones_like(t))
-        unit = (self._gamma_tilde(t) - g0) / (g1 - g0)
-        return -(self.gamma_0 + (self.gamma_1 - self.gamma_0) * unit)
+        return (self._gamma_tilde(t) - g0) / (g1 - g0)
+
+    def log_snr(self, t):
+        t = torch.as_tensor(t, dtype=self.gamma_0.dtype, device=self.gamma_0.device)
+        return super().log_snr(t)
 
     def discretize(self, num_steps: int) -> torch.Tensor:
         grid = torch.arange(1, num_steps + 1, dtype=self.gamma_0.dtype, device=self.gamma_0.device) / num_steps
         return self.alpha_bar(grid)
+
+    def check_endpoints(self, where: str = "") -> None:
+        """A one-line error where training moved the endpoints across each other (log_snr(0) <= log_snr(1))."""
+        hi, lo = (v.item() for v in self.endpoints())
+        if not hi > lo:
+            raise DifflmError(f"{where or 'the learned schedule'}: log-SNR endpoints crossed (log_snr(0) = {hi:.4g} "
+                              f"is not above log_snr(1) = {lo:.4g}); the noise would fall as t grows. Retrain, "
+                              f"e.g. with a lower train.lr")
 
 
 class NoiseScaled(Schedule):

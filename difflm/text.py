@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import decode
+from .diffusion import ELBOTerms, VarianceGradient
 from .errors import DifflmError, loading
 from .files import AtomicDir
 from .modeling import TextDiffusionConfig, TextDiffusionModel, model_type
@@ -33,6 +34,22 @@ class TextLoss(NamedTuple):
         """The parts as 0-dim tensors (read back only when logged)."""
         return {"denoising": self.denoising, "rounding": self.rounding, "prior": self.prior,
                 "cross_entropy": self.cross_entropy}
+
+
+class ELBOLoss(NamedTuple):
+    """model.objective=elbo: the batch mean of -ELBO per token position (the loss, nats) and its terms, with the
+    schedule's log-SNR endpoints (the parts logged; a named tuple, as TextLoss)."""
+
+    loss: torch.Tensor
+    reconstruction: torch.Tensor
+    diffusion: torch.Tensor
+    prior: torch.Tensor
+    log_snr_max: torch.Tensor
+    log_snr_min: torch.Tensor
+
+    def parts(self) -> dict:
+        return {"reconstruction": self.reconstruction, "diffusion": self.diffusion, "prior": self.prior,
+                "log_snr_max": self.log_snr_max, "log_snr_min": self.log_snr_min}
 
 
 @dataclass
@@ -111,6 +128,73 @@ def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
                     cross_entropy=cross_entropy.detach())
 
 
+def text_elbo(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[torch.Generator] = None,
+              t: Optional[torch.Tensor] = None, attributes: Optional[torch.Tensor] = None,
+              variance: Optional[VarianceGradient] = None, reconstruction_rows: Optional[int] = None) -> ELBOTerms:
+    """-ELBO per sequence (nats) of the likelihood objective (config.objective=elbo), in continuous time
+    (Kingma et al. 2021; Plaid, Gulrajani & Hashimoto 2023):
+
+        -log p(w) <= E_q[-log p(w | z_0)] + KL(q(z_1 | w) || N(0, I))
+                     + 1/2 E_{t ~ U(0, 1)} E_q[-SNR'(t) ||x - x0_hat(z_t, t)||^2],
+
+    with x = Emb(w) itself (no noise level between the words and x, unlike text_loss's chain),
+    q(z_t | w) = N(alpha_t x, sigma_t^2 I) under the model's log-SNR schedule (finite at both ends, learned), and
+    the reconstruction p(w | z_0) = prod_i softmax(logits_i(z_0, 0))[w_i]: the network's own categorical output
+    at t = 0. The three terms are the core's (`GaussianDiffusion.elbo`); the sum bounds -log p(w) over every
+    position of the padded sequence. With self-conditioning the network at z_t reads its own first estimate at
+    the same z_t (two passes): a valid decoder, since it depends on z_t alone; half of the training batches
+    and every evaluation (the sampler always self-conditions) use it.
+
+    `t` (B,) fixes the diffusion term's time; `variance` gives the schedule's shape the variance-minimizing
+    gradient (the caller hands it the diffusion term). `reconstruction_rows=k` (unconditional models) scores the
+    reconstruction on the first k rows only, as (B / k) times their terms and 0 elsewhere (an unbiased estimate
+    of the batch mean that costs a k-row pass instead of a B-row one; training uses it).
+    """
+    d, b = model.diffusion, ids.shape[0]
+    x = model.embed(ids)
+    logits: list = []
+    model_fn = _training_model_fn(model, generator, attributes, logits, self_condition=None if model.training else True)
+
+    def reconstruction(fn, x0, noise):
+        k = b if reconstruction_rows is None else reconstruction_rows
+        t0 = d.first_t(k, x0.device, x0.dtype)
+        fn(d.q_sample(x0[:k], t0, noise[:k]), t0)
+        nll = F.cross_entropy(logits[-1].transpose(1, 2), ids[:k], reduction="none").sum(dim=1)  # (k,)
+        return nll if k == b else torch.cat([nll * (b / k), nll.new_zeros(b - k)])
+
+    return d.elbo(model_fn, x, reconstruction=reconstruction, t=t, generator=generator, variance=variance)
+
+
+def bound_model_fn(model: TextDiffusionModel) -> Callable:
+    """The network as the bound scores it (metrics.text_bound): for config.objective=elbo self-conditioned on its
+    own first estimate at the same x_t (as `text_elbo` evaluates), otherwise without a previous estimate."""
+    if getattr(model.config, "objective", "weighted") == "elbo":
+        return _training_model_fn(model, None, self_condition=True)
+    return lambda x, t: model(x, t)
+
+
+def elbo_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[torch.Generator] = None,
+              attributes: Optional[torch.Tensor] = None) -> ELBOLoss:
+    """The training loss of config.objective=elbo: `text_elbo` per token position, t low-discrepancy uniform in a
+    training batch (uniform otherwise), the schedule's shape trained for low variance (VarianceGradient), the
+    reconstruction on an eighth of the rows in training."""
+    d, (b, length) = model.diffusion, ids.shape
+    training = model.training and torch.is_grad_enabled()
+    t = d.sample_t(b, ids.device, generator=generator, dtype=latent_dtype(model.embedding.weight),
+                   low_discrepancy=model.training)
+    variance = VarianceGradient() if training else None
+    if attributes is not None:
+        attributes = _drop_attributes(model.config, attributes, generator)
+    terms = text_elbo(model, ids, generator, t=t, attributes=attributes, variance=variance,
+                      reconstruction_rows=max(1, b // 8) if training and attributes is None else None)
+    if variance is not None:
+        variance.set_loss(terms.diffusion)
+    hi, lo = model.diffusion.schedule.endpoints()
+    return ELBOLoss(loss=terms.total.mean() / length, reconstruction=terms.reconstruction.detach().mean() / length,
+                    diffusion=terms.diffusion.detach().mean() / length, prior=terms.prior.detach().mean() / length,
+                    log_snr_max=hi.detach(), log_snr_min=lo.detach())
+
+
 def training_times(model: TextDiffusionModel, batch: int, generator: Optional[torch.Generator],
                    dtype: torch.dtype) -> torch.Tensor:
     """Training times (B,): uniform (diffusion.sample_t), or, for a model in training mode, through its TimeWarp; in
@@ -135,12 +219,14 @@ def _drop_attributes(cfg: TextDiffusionConfig, attributes: torch.Tensor, generat
 
 
 def _training_model_fn(model: TextDiffusionModel, generator: Optional[torch.Generator],
-                       attributes: Optional[torch.Tensor] = None, logits: Optional[list] = None):
+                       attributes: Optional[torch.Tensor] = None, logits: Optional[list] = None,
+                       self_condition: Optional[bool] = None):
     """The model as a model_fn; with self-conditioning, half the batches first make an x0 estimate without
-    gradient and condition on it, so the network learns both to start and to refine (Chen et al. 2023). The
-    network's logits (config.output=logits) of the differentiable call are appended to `logits`."""
-    use = model.config.self_condition and torch.rand(
-        (), generator=generator, device=generator.device if generator else None) < 0.5
+    gradient and condition on it, so the network learns both to start and to refine (Chen et al. 2023);
+    `self_condition` True or False decides instead of the coin. The network's logits (config.output=logits) of
+    the differentiable call are appended to `logits`."""
+    use = model.config.self_condition and (self_condition if self_condition is not None else torch.rand(
+        (), generator=generator, device=generator.device if generator else None) < 0.5)
 
     def model_fn(x_t, t):
         x0_self = None
@@ -218,9 +304,10 @@ class TextObjective(torch.nn.Module):
     def forward(self, rows: torch.Tensor, generator: Optional[torch.Generator] = None) -> TextLoss:
         """`rows`: token ids (B, L), followed by the 0/1 attribute vector (B, A) for a conditional model."""
         cfg = self.model.config
+        loss = elbo_loss if getattr(cfg, "objective", "weighted") == "elbo" else text_loss
         if cfg.attributes:
-            return text_loss(self.model, rows[:, : cfg.seq_len], generator, rows[:, cfg.seq_len:].float())
-        return text_loss(self.model, rows, generator=generator)
+            return loss(self.model, rows[:, : cfg.seq_len], generator, rows[:, cfg.seq_len:].float())
+        return loss(self.model, rows, generator=generator)
 
     def external_parameters(self):
         return [self.model.embedding.weight]
@@ -364,4 +451,7 @@ def load_model(path, device="cpu"):
     with loading(p, "diffusion model"):
         model = TextDiffusionModel.from_pretrained(p, local_files_only=True).to(device)
         tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    check = getattr(model.diffusion.schedule, "check_endpoints", None)
+    if check is not None:  # a learned schedule: refuse one whose endpoints training moved across each other
+        check(f"model {path}")
     return model.eval(), tokenizer

@@ -113,7 +113,8 @@ def model_config(cfg: Config, vocab_size: int, special: tuple = (0, 1, 2),
                                unconditional_prob=m.unconditional_prob, output=m.output,
                                embedding_norm=m.embedding_norm, mse_weight=m.mse_weight, ce_weight=m.ce_weight,
                                log_snr_max=d.log_snr_max, log_snr_min=d.log_snr_min, noise_scale=d.noise_scale,
-                               time_warp_bins=d.time_warp_bins, sample_temperature=m.sample_temperature)
+                               time_warp_bins=d.time_warp_bins, sample_temperature=m.sample_temperature,
+                               objective=m.objective, posterior_logits=m.posterior_logits)
 
 
 def build_model(cfg: Config, tokenizer, attributes: Optional[List[str]] = None) -> TextDiffusionModel:
@@ -217,6 +218,19 @@ def _check_recipe(cfg: Config) -> None:
     if d.time_warp_bins and d.schedule == "learned":
         raise DifflmError("diffusion.time_warp_bins warps t against the loss while diffusion.schedule=learned moves "
                           "the noise levels under it; use one of the two")
+    if m.objective == "elbo":
+        if d.num_steps is not None:
+            raise DifflmError(f"model.objective=elbo trains the continuous-time ELBO; it contradicts "
+                              f"diffusion.num_steps={d.num_steps}: set diffusion.num_steps=null")
+        if d.schedule not in ENDPOINT_SCHEDULES:
+            raise DifflmError(f"model.objective=elbo needs finite log-SNR endpoints; diffusion.schedule={d.schedule} "
+                              f"has none: use diffusion.schedule=learned (or logsnr-linear)")
+        if d.time_warp_bins:
+            raise DifflmError(f"model.objective=elbo draws t uniformly (low-discrepancy), its schedule learned "
+                              f"instead; it contradicts diffusion.time_warp_bins={d.time_warp_bins}: set it to 0")
+        if d.noise_scale != 1.0:
+            raise DifflmError(f"model.objective=elbo learns the log-SNR endpoints; diffusion.noise_scale="
+                              f"{d.noise_scale:g} would shift them: drop it and set diffusion.log_snr_max/min")
     endpoints = (d.log_snr_max, d.log_snr_min) != (10.0, -10.0)
     if endpoints and d.schedule not in ENDPOINT_SCHEDULES:
         raise DifflmError(f"diffusion.log_snr_max / log_snr_min set the endpoints of {', '.join(ENDPOINT_SCHEDULES)}; "

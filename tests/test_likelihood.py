@@ -1,0 +1,165 @@
+"""The likelihood objective (model.objective=elbo): the continuous-time ELBO on the same core, its learned schedule
+with the variance-minimizing gradient, low-discrepancy times, the posterior logits, and its bound."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from difflm.diffusion import GaussianDiffusion, VarianceGradient, gaussian_log_prob
+from difflm.schedules import Learned
+from difflm.text import elbo_loss, load_model, save_model, text_elbo
+
+from conftest import ROOT
+from test_cli import assert_user_error
+from test_text import small_model, tokenizer  # noqa: F401 (a fixture)
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+ELBO = {"model.output": "logits", "model.embedding_norm": "true", "model.objective": "elbo",
+        "model.posterior_logits": "true", "diffusion.schedule": "learned", "diffusion.num_steps": "null",
+        "diffusion.log_snr_max": "1", "diffusion.log_snr_min": "-9"}
+
+
+def _elbo_grads(variance: bool):
+    """Gradients of a one-draw continuous ELBO on a learned schedule (hidden 8) and a one-weight denoiser."""
+    torch.manual_seed(0)
+    schedule = Learned(log_snr_max=4.0, log_snr_min=-6.0, hidden=8).double()
+    with torch.no_grad():
+        for p in (schedule.l2.weight, schedule.l2.bias, schedule.l3.weight):
+            p.copy_(torch.randn_like(p))  # a schedule with a shape of its own
+    d = GaussianDiffusion(schedule, num_steps=None)
+    w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    x0 = torch.randn(32, 5, dtype=torch.float64)
+    holder = VarianceGradient() if variance else None
+    terms = d.elbo(lambda x, t: w * x, x0, t=d.sample_t(32, "cpu", generator=torch.Generator().manual_seed(1),
+                                                          dtype=torch.float64),
+                   generator=torch.Generator().manual_seed(2), variance=holder)
+    if variance:
+        holder.set_loss(terms.diffusion)
+    interior = [schedule.l1.weight, schedule.l2.weight, schedule.l2.bias, schedule.l3.weight]
+    ends = [schedule.gamma_0, schedule.gamma_1, w]
+    return terms, interior, ends
+
+
+def test_variance_gradient_gives_the_shape_the_second_moments_gradient_and_the_rest_the_losss():
+    terms, interior, ends = _elbo_grads(variance=True)
+    grads = torch.autograd.grad(terms.total.mean(), interior + ends)
+    plain, p_interior, p_ends = _elbo_grads(variance=False)
+    torch.testing.assert_close(terms.total, plain.total)  # the forward pass is unchanged
+    norm = 2 * plain.diffusion.detach().mean()  # the gradient of E[L^2] / (2 mean L)
+    want_interior = [g / norm for g in torch.autograd.grad((plain.diffusion ** 2).mean(), p_interior,
+                                                           retain_graph=True)]
+    want_ends = torch.autograd.grad(plain.total.mean(), p_ends)
+    for got, want in zip(grads, [*want_interior, *want_ends]):
+        torch.testing.assert_close(got, want)
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_variance_gradient_refuses_a_backward_without_the_loss():
+    terms, interior, _ = _elbo_grads(variance=True)  # set_loss was called: fine
+    holder = VarianceGradient()
+    u = torch.ones(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="before set_loss"):
+        holder.wrap(u).sum().backward()
+
+
+def test_low_discrepancy_times_cover_the_range_evenly_and_stay_uniform():
+    d = GaussianDiffusion(Learned(hidden=4), num_steps=None)
+    g = torch.Generator().manual_seed(0)
+    t = d.sample_t(64, "cpu", generator=g, low_discrepancy=True, dtype=torch.float64)
+    gaps = torch.diff(torch.sort(t).values)
+    torch.testing.assert_close(gaps, torch.full_like(gaps, 1 / 64))
+    assert t.min() >= 0 and t.max() < 1
+    first = torch.stack([d.sample_t(8, "cpu", generator=g, low_discrepancy=True)[0] for _ in range(4000)])
+    assert abs(first.mean().item() - 0.5) < 0.02  # each entry alone is U(0, 1)
+
+
+def test_posterior_logits_are_the_exact_single_position_posterior(tokenizer):
+    torch.manual_seed(0)
+    model = small_model(tokenizer, **ELBO).eval()
+    x, t = torch.randn(2, 16, 8), torch.tensor([0.2, 0.7])
+    logits = model.posterior_logits(x, t)
+    a = model.diffusion.alpha_bar(t)[:, None, None, None]
+    e = model.embedding_matrix()
+    direct = gaussian_log_prob(x[:, :, None, :], a.sqrt() * e, (1 - a).expand(2, 1, 1, 8)).sum(-1)  # (B, L, V)
+    torch.testing.assert_close(torch.log_softmax(logits, -1), torch.log_softmax(direct, -1), rtol=1e-4, atol=1e-4)
+
+
+def test_elbo_loss_trains_every_part_and_logs_its_terms(tokenizer):
+    model = small_model(tokenizer, **ELBO, **{"model.self_condition": "true"}).train()
+    ids = torch.randint(3, len(tokenizer), (16, 16))
+    out = elbo_loss(model, ids, torch.Generator().manual_seed(0))
+    out.loss.backward()
+    s = model.diffusion.schedule
+    assert s.gamma_0.grad != 0 and s.gamma_1.grad != 0 and s.l2.weight.grad.abs().sum() > 0
+    assert model.embedding.weight.grad.abs().sum() > 0 and model.output_proj[2].weight.grad.abs().sum() > 0
+    parts = out.parts()
+    assert set(parts) == {"reconstruction", "diffusion", "prior", "log_snr_max", "log_snr_min"}
+    assert parts["log_snr_max"].item() == pytest.approx(1.0) and parts["log_snr_min"].item() == pytest.approx(-9.0)
+    total = parts["reconstruction"] + parts["diffusion"] + parts["prior"]
+    torch.testing.assert_close(out.loss.detach(), total)
+
+
+def test_eval_terms_score_the_reconstruction_on_every_row_and_self_condition_always(tokenizer):
+    model = small_model(tokenizer, **ELBO, **{"model.self_condition": "true"}).eval()
+    ids = torch.randint(3, len(tokenizer), (6, 16))
+    t = torch.full((6,), 0.5)
+    a = text_elbo(model, ids, torch.Generator().manual_seed(0), t=t)
+    b = text_elbo(model, ids, torch.Generator().manual_seed(0), t=t)
+    torch.testing.assert_close(a.total, b.total)  # no coin: the same draw gives the same bound
+    assert torch.all(a.reconstruction > 0) and torch.all(a.prior > 0) and torch.all(a.diffusion > 0)
+
+
+def test_a_learned_schedule_whose_endpoints_crossed_is_refused_at_load(tokenizer, tmp_path, capsys):
+    model = small_model(tokenizer, **ELBO)
+    with torch.no_grad():
+        model.diffusion.schedule.gamma_0.fill_(5.0)  # log_snr(0) = -5, below log_snr(1) = -2: crossed
+        model.diffusion.schedule.gamma_1.fill_(2.0)
+    save_model(model, tokenizer, tmp_path / "m")
+    capsys.readouterr()  # the save's progress bar
+    assert_user_error(capsys, ["generate", "--model", str(tmp_path / "m"), "--num-samples", "1", "--steps", "2",
+                               "--out", str(tmp_path / "s.jsonl")], "log-SNR endpoints crossed")
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.objective=elbo", "model.output=logits"], "set diffusion.num_steps=null"),
+    (["model.objective=elbo", "model.output=logits", "diffusion.num_steps=null"], "diffusion.schedule=sqrt has none"),
+    (["model.objective=elbo"], "model.objective=elbo needs model.output=logits"),
+    ([*(f"{k}={v}" for k, v in ELBO.items()), "diffusion.schedule=logsnr-linear", "diffusion.time_warp_bins=10"],
+     "contradicts diffusion.time_warp_bins=10"),
+    ([*(f"{k}={v}" for k, v in ELBO.items()), "diffusion.noise_scale=2"], "diffusion.noise_scale=2 would shift them"),
+    (["model.posterior_logits=true"], "model.posterior_logits adds to the network's logits"),
+    (["model.objective=likelihood"], "unknown model.objective 'likelihood'"),
+])
+def test_contradicting_likelihood_options_are_one_line_errors(tmp_path, capsys, overrides, message):
+    assert_user_error(capsys, ["train", "--config", TINY, f"train.out_dir={tmp_path / 'o'}", *overrides], message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_likelihood_run_trains_samples_and_reports_a_bound_above_the_exact_entropy(tmp_path):
+    """The whole chain on the tiny config: train on the ELBO, generate, eval; the bound is in continuous time only,
+    with the gap to the grammar's exact -log p, and may not undercut the exact entropy beyond 3 SE."""
+    from difflm.cli import main
+
+    out = tmp_path / "run"
+    run = [f"{k}={v}" for k, v in ELBO.items()] + ["model.self_condition=true", "train.max_steps=20"]
+    assert main(["train", "--config", TINY, f"train.out_dir={out}", *run, "--no-progress"]) == 0
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "log_snr_max" in rows[0] and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    model, _ = load_model(out / "model")
+    assert model.config.objective == "elbo" and model.diffusion.num_steps is None
+    ev = tmp_path / "eval"
+    assert main(["eval", "--model", str(out), "--out", str(ev), "--metrics", "bound,grammar", "--num-samples", "8",
+                 "--steps", "5", "--held-out", "48", "--bound-draws", "2", "--no-progress"]) == 0
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert "bound_discrete" not in metrics["metrics"]
+    b = metrics["metrics"]["bound_continuous"]
+    assert b["terms_per_sequence"]["rounding"] == 0 and b["terms_per_sequence"]["entropy"] == 0
+    gap = b["gap_to_exact"]
+    assert gap["mean"] > -3 * gap["se"]  # the bound is not below the truth
+    assert b["nats_per_sequence"]["mean"] == pytest.approx(gap["mean"] + b["exact_nats_per_sequence"])
+    shares = metrics["curve"]["share_by_decade"]
+    assert sum(shares.values()) == pytest.approx(1.0) and len(metrics["curve"]["kl_per_step"]) == 0
+    assert "Gap to the exact answer" in (ev / "report.md").read_text() and (ev / "denoising.png").exists()
