@@ -20,8 +20,7 @@ from .errors import DifflmError
 from .metrics import bound_report, diversity, grammar_report
 from .rounding import round_to_tokens
 from .sampling import check_request
-from .metrics import is_elbo_model
-from .text import bound_model_fn, embed_with_noise, generate, sampling_temperature
+from .text import bound_model_fn, embed_with_noise, generate, is_elbo_model, sampling_temperature
 
 log = logging.getLogger("difflm")
 METRICS = ("bound", "lm_score", "diversity", "grammar")

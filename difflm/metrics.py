@@ -14,11 +14,7 @@ import torch
 
 from .diffusion import GaussianDiffusion
 from .rounding import rounding_nll
-from .text import bound_model_fn, embed_with_noise, text_elbo
-
-
-def is_elbo_model(model) -> bool:
-    return getattr(model.config, "objective", "weighted") == "elbo"
+from .text import bound_model_fn, embed_with_noise, is_elbo_model, text_elbo
 
 LN2 = math.log(2.0)
 

@@ -165,10 +165,15 @@ def text_elbo(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
     return d.elbo(model_fn, x, reconstruction=reconstruction, t=t, generator=generator, variance=variance)
 
 
+def is_elbo_model(model) -> bool:
+    """Whether the model was trained on its ELBO (config.objective=elbo; older models lack the key)."""
+    return getattr(model.config, "objective", "weighted") == "elbo"
+
+
 def bound_model_fn(model: TextDiffusionModel) -> Callable:
     """The network as the bound scores it (metrics.text_bound): for config.objective=elbo self-conditioned on its
     own first estimate at the same x_t (as `text_elbo` evaluates), otherwise without a previous estimate."""
-    if getattr(model.config, "objective", "weighted") == "elbo":
+    if is_elbo_model(model):
         return _training_model_fn(model, None, self_condition=True)
     return lambda x, t: model(x, t)
 
@@ -304,7 +309,7 @@ class TextObjective(torch.nn.Module):
     def forward(self, rows: torch.Tensor, generator: Optional[torch.Generator] = None) -> TextLoss:
         """`rows`: token ids (B, L), followed by the 0/1 attribute vector (B, A) for a conditional model."""
         cfg = self.model.config
-        loss = elbo_loss if getattr(cfg, "objective", "weighted") == "elbo" else text_loss
+        loss = elbo_loss if is_elbo_model(self.model) else text_loss
         if cfg.attributes:
             return loss(self.model, rows[:, : cfg.seq_len], generator, rows[:, cfg.seq_len:].float())
         return loss(self.model, rows, generator=generator)
