@@ -331,9 +331,8 @@ def cmd_train_classifier(args) -> None:
 
 def _control_context(args, cfg, device):
     from .classifier import load_classifier
-    from .control import ControlContext
+    from .control import ControlContext, guidance_sampler
     from .guidance import check_guidance_config
-    from .control import guidance_sampler
     from .sampling import check_request
     from .text import load_model
 

@@ -273,14 +273,15 @@ class GaussianDiffusion(nn.Module):
         return _sum_except_batch(gaussian_kl(a.sqrt() * x0, (1 - a).expand_as(x0),
                                              torch.zeros_like(x0), torch.ones_like(x0)))
 
-    def diffusion_term(self, x0: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def diffusion_term(self, x0: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor,
+                       level: Optional[NoiseLevel] = None) -> torch.Tensor:
         """Unbiased one-sample estimate of the summed denoising-matching KLs from the x0 error at time t.
 
         Discrete (t = i/T, i >= 2, drawn uniformly): (T - 1) * 1/2 (SNR(t_{i-1}) - SNR(t_i)) ||x0 - x0_hat||^2
         (Luo 2022 eq. 108 in SNR form, Kingma et al. 2021 eq. 13). Continuous (t ~ U(t_min, 1)):
         (1 - t_min) * -1/2 SNR'(t) ||x0 - x0_hat||^2 (Kingma et al. 2021 eq. 17).
         """
-        return self.diffusion_weight(t) * _sum_except_batch((x0 - x0_hat) ** 2)
+        return self.diffusion_weight(t, level) * _sum_except_batch((x0 - x0_hat) ** 2)
 
     def diffusion_weight(self, t: torch.Tensor, level: Optional[NoiseLevel] = None) -> torch.Tensor:
         """The weight w(t) (B,) of ||x0 - x0_hat||^2 in `diffusion_term`; continuous time from `level` if given."""
@@ -338,8 +339,7 @@ class GaussianDiffusion(nn.Module):
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             level = None if self.discrete else self.noise_level(t, variance)
             x_t = self.q_sample(x0, t, noise, None if level is None else level.alpha_bar)
-            err = _sum_except_batch((x0 - self.predict_x0(model_fn(x_t, t), x_t, t)) ** 2)
-            diff = self.diffusion_weight(t, level) * err
+            diff = self.diffusion_term(x0, self.predict_x0(model_fn(x_t, t), x_t, t), t, level)
         return ELBOTerms(reconstruction=recon, prior=self.prior_kl(x0), diffusion=diff)
 
 

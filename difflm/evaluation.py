@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .config import Config
 from .data import decode, encode, load_texts
 from .errors import DifflmError
+from .grammar import source_grammar
 from .metrics import bound_report, diversity, grammar_report
 from .rounding import round_to_tokens
 from .sampling import check_request
@@ -88,9 +89,10 @@ def denoising_curve(model, ids: torch.Tensor, points: int = 40, seed: int = 0) -
         x_t = d.q_sample(x0, t, torch.randn(x0.shape, generator=g, device=x0.device))
         err = ((x0 - d.predict_x0(net(x_t, t), x_t, t)) ** 2).sum(dim=(1, 2))  # (B,)
         mse.append(err.mean().item() / x0[0].numel())
-        density.append((d.diffusion_weight(t) * err).mean().item() / span)  # nats per unit t
-        if d.discrete:
-            kl.append((0.5 * (d.snr(t - 1.0 / d.num_steps) - d.snr(t)) * err).mean().item())
+        whole = (d.diffusion_weight(t) * err).mean().item()  # the whole term if every t were this one
+        density.append(whole / span)  # nats per unit t
+        if d.discrete:  # one step's KL: the whole term over its T - 1 steps
+            kl.append(whole / (d.num_steps - 1))
     per_decade = [f * time * math.log(10) for f, time in zip(density, times)]
     return DenoisingCurve(t=times, mse=mse, nats_per_decade=per_decade,
                           share_by_decade=_decade_shares(times, per_decade), kl_per_step=kl)
@@ -146,10 +148,8 @@ def evaluate_model(model, tokenizer, cfg: Config, samples: Optional[List[str]], 
     dev_ids, truncated = encode(dev_texts, tokenizer, model.config.seq_len)
     dev_ids = dev_ids.to(device)
     result = Evaluation(model=model_name, samples=len(samples), held_out=len(dev_texts), examples=samples[:10])
+    grammar = source_grammar(cfg.data.source)
     if "bound" in metrics:
-        from .grammar import source_grammar
-
-        grammar = source_grammar(cfg.data.source)
         exact = None
         if grammar is not None and not truncated:  # the true -log p of each held-out sentence
             exact = torch.tensor([-grammar.log_prob(text) for text in dev_texts], dtype=torch.float64)
@@ -175,9 +175,6 @@ def evaluate_model(model, tokenizer, cfg: Config, samples: Optional[List[str]], 
         # the same statistics of as many held-out texts: distinct-n and self-BLEU depend on the count
         result.metrics["diversity_held_out"] = asdict(diversity(dev_texts[: len(samples)]))
     if "grammar" in metrics:
-        from .grammar import source_grammar
-
-        grammar = source_grammar(cfg.data.source)
         if grammar is None:
             raise DifflmError(f"the grammar metric needs a model trained on the embedded grammar "
                               f"(data.source builtin:...), not {cfg.data.source}")

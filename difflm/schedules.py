@@ -150,13 +150,11 @@ class LogSNRLinear(EndpointSchedule):
         self.log_snr_max, self.log_snr_min = log_snr_max, log_snr_min
 
     def endpoints(self):
-        return torch.tensor(self.log_snr_max), torch.tensor(self.log_snr_min)
+        return (torch.tensor(self.log_snr_max, dtype=torch.float64),
+                torch.tensor(self.log_snr_min, dtype=torch.float64))
 
     def unit(self, t):
         return t
-
-    def log_snr(self, t):
-        return self.log_snr_max + (self.log_snr_min - self.log_snr_max) * t
 
 
 class _PositiveLinear(nn.Linear):
@@ -193,10 +191,6 @@ class Learned(EndpointSchedule):
         g0, g1 = self._gamma_tilde(torch.zeros_like(t)), self._gamma_tilde(torch.ones_like(t))
         return (self._gamma_tilde(t) - g0) / (g1 - g0)
 
-    def log_snr(self, t):
-        t = torch.as_tensor(t, dtype=self.gamma_0.dtype, device=self.gamma_0.device)
-        return super().log_snr(t)
-
     def discretize(self, num_steps: int) -> torch.Tensor:
         grid = torch.arange(1, num_steps + 1, dtype=self.gamma_0.dtype, device=self.gamma_0.device) / num_steps
         return self.alpha_bar(grid)
@@ -226,7 +220,8 @@ class NoiseScaled(Schedule):
 
 
 SCHEDULES = {cls.name: cls for cls in (Linear, Cosine, Sqrt, LogSNRLinear, Learned)}
-ENDPOINT_SCHEDULES = ("logsnr-linear", "learned")  # the schedules whose log-SNR endpoints are parameters
+# the schedules whose log-SNR endpoints are parameters
+ENDPOINT_SCHEDULES = tuple(name for name, cls in SCHEDULES.items() if issubclass(cls, EndpointSchedule))
 
 
 def get_schedule(name: str, log_snr_max: float = 10.0, log_snr_min: float = -10.0,
