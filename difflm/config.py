@@ -238,9 +238,11 @@ class TrainConfig(LoopConfig):
     ema_decay: float = 0.9999
     eval_batches: int = 4
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    embedding_lr: float = 0.0  # the word embeddings' learning rate (no weight decay); 0: train.lr
+    schedule_lr: float = 0.0  # a learned noise schedule's (diffusion.schedule=learned; no weight decay); 0: train.lr
 
     ranges = {"grad_accum": Range(1), "zero_stage": Range(0, 3), "ema_decay": PROBABILITY, "eval_batches": Range(1),
-              "threads": NON_NEGATIVE}
+              "threads": NON_NEGATIVE, "embedding_lr": NON_NEGATIVE, "schedule_lr": NON_NEGATIVE}
 
 
 # the small networks of the teacher and the classifiers

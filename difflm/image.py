@@ -236,6 +236,10 @@ class ImageDiffusionModel(PreTrainedModel):
         self.diffusion = GaussianDiffusion(get_schedule(config.schedule), config.num_steps, config.prediction)
         self.post_init()
 
+    def lr_groups(self) -> dict:
+        """The parameters that train.schedule_lr addresses (engines.param_groups)."""
+        return {"schedule": list(self.diffusion.schedule.parameters())}
+
     def _init_weights(self, module):
         pass  # PyTorch's default initialisation, with the zero-initialised output layers set above
 

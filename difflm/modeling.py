@@ -120,6 +120,10 @@ class TextDiffusionModel(PreTrainedModel):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    def lr_groups(self) -> dict:
+        """The parameters that train.embedding_lr and train.schedule_lr address (engines.param_groups)."""
+        return {"embedding": [self.embedding.weight], "schedule": list(self.diffusion.schedule.parameters())}
+
     def embedding_matrix(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """E (V, d), the word embeddings diffusion runs on, in `dtype` (default: the latent dtype). With
         config.embedding_norm each row is e_w / ||e_w|| * sqrt(d) (CDCD, Dieleman et al. 2022, sec. 3.2): of the

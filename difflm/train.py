@@ -231,6 +231,12 @@ def _check_recipe(cfg: Config) -> None:
         if d.noise_scale != 1.0:
             raise DifflmError(f"model.objective=elbo learns the log-SNR endpoints; diffusion.noise_scale="
                               f"{d.noise_scale:g} would shift them: drop it and set diffusion.log_snr_max/min")
+    if cfg.train.schedule_lr and d.schedule != "learned":
+        raise DifflmError(f"train.schedule_lr sets the learning rate of a learned noise schedule; diffusion.schedule="
+                          f"{d.schedule} has no parameters: drop it or set diffusion.schedule=learned")
+    if cfg.train.embedding_lr and cfg.data.modality == "image":
+        raise DifflmError("train.embedding_lr sets the word embeddings' learning rate; data.modality=image has none: "
+                          "drop it")
     endpoints = (d.log_snr_max, d.log_snr_min) != (10.0, -10.0)
     if endpoints and d.schedule not in ENDPOINT_SCHEDULES:
         raise DifflmError(f"diffusion.log_snr_max / log_snr_min set the endpoints of {', '.join(ENDPOINT_SCHEDULES)}; "

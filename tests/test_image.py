@@ -161,7 +161,8 @@ def test_idx_files_and_bad_image_inputs(tmp_path, capsys):
             "data.image_channels=3"),
            ([f"data.source={tmp_path / 'mnist'}", "data.image_size=28"], "are 8x8 but data.image_size=28"),
            (["unet.channel_mults=1,x"], "unet.channel_mults must be positive integers"),
-           (["data.source=builtin:faces"], "unknown builtin image set 'faces'")]
+           (["data.source=builtin:faces"], "unknown builtin image set 'faces'"),
+           (["train.embedding_lr=1e-2"], "data.modality=image has none")]
     for extra, message in bad:
         code, _, err = run(capsys, *base, f"train.out_dir={tmp_path / 'bad'}", *extra, "--no-progress")
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)

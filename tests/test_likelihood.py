@@ -101,6 +101,24 @@ def test_elbo_loss_trains_every_part_and_logs_its_terms(tokenizer):
     torch.testing.assert_close(out.loss.detach(), total)
 
 
+def test_embeddings_and_a_learned_schedule_can_have_their_own_learning_rates(tokenizer):
+    from difflm.config import TrainConfig
+    from difflm.engines import param_groups
+
+    model = small_model(tokenizer, **ELBO)
+    everything = {id(p) for p in model.parameters()}
+    (plain,) = param_groups(model, TrainConfig(lr=1e-3, weight_decay=0.1))
+    assert {id(p) for p in plain["params"]} == everything and "lr" not in plain
+    net, emb, sched = param_groups(model, TrainConfig(lr=1e-3, weight_decay=0.1, embedding_lr=1e-2, schedule_lr=2e-2))
+    assert [id(p) for p in emb["params"]] == [id(model.embedding.weight)]
+    assert {id(p) for p in sched["params"]} == {id(p) for p in model.diffusion.schedule.parameters()}
+    assert (emb["lr"], sched["lr"], emb["weight_decay"], sched["weight_decay"]) == (1e-2, 2e-2, 0.0, 0.0)
+    ids = [id(p) for g in (net, emb, sched) for p in g["params"]]
+    assert len(ids) == len(set(ids)) and set(ids) == everything  # every parameter in exactly one group
+    (_, only_emb) = param_groups(model, TrainConfig(lr=1e-3, embedding_lr=1e-2))
+    assert [id(p) for p in only_emb["params"]] == [id(model.embedding.weight)]
+
+
 def test_eval_terms_score_the_reconstruction_on_every_row_and_self_condition_always(tokenizer):
     model = small_model(tokenizer, **ELBO, **{"model.self_condition": "true"}).eval()
     ids = torch.randint(3, len(tokenizer), (6, 16))
@@ -132,6 +150,7 @@ def test_a_learned_schedule_whose_endpoints_crossed_is_refused_at_load(tokenizer
     ([*(f"{k}={v}" for k, v in ELBO.items()), "diffusion.noise_scale=2"], "diffusion.noise_scale=2 would shift them"),
     (["model.posterior_logits=true"], "model.posterior_logits adds to the network's logits"),
     (["model.objective=likelihood"], "unknown model.objective 'likelihood'"),
+    (["train.schedule_lr=1e-2"], "diffusion.schedule=sqrt has no parameters"),
 ])
 def test_contradicting_likelihood_options_are_one_line_errors(tmp_path, capsys, overrides, message):
     assert_user_error(capsys, ["train", "--config", TINY, f"train.out_dir={tmp_path / 'o'}", *overrides], message)
@@ -144,7 +163,8 @@ def test_a_likelihood_run_trains_samples_and_reports_a_bound_above_the_exact_ent
     from difflm.cli import main
 
     out = tmp_path / "run"
-    run = [f"{k}={v}" for k, v in ELBO.items()] + ["model.self_condition=true", "train.max_steps=20"]
+    run = [f"{k}={v}" for k, v in ELBO.items()] + ["model.self_condition=true", "train.max_steps=20",
+                                                    "train.embedding_lr=1e-2", "train.schedule_lr=1e-2"]
     assert main(["train", "--config", TINY, f"train.out_dir={out}", *run, "--no-progress"]) == 0
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert "log_snr_max" in rows[0] and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)

@@ -14,6 +14,7 @@ from difflm.train import train
 
 from conftest import ROOT, subprocess_env
 from test_cli import assert_user_error
+from test_likelihood import ELBO
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 RUN = ["train.max_steps=300", "train.save_every=10", "train.log_every=1", "train.eval_every=100",
@@ -39,8 +40,12 @@ def kill_after_first_checkpoint(out, extra):
     assert proc.returncode == -signal.SIGKILL
 
 
+LIKELIHOOD = [*(f"{k}={v}" for k, v in ELBO.items()), "train.embedding_lr=1e-2", "train.schedule_lr=1e-2"]
+
+
 @pytest.mark.parametrize("extra", [["train.engine=torch"], ["train.engine=deepspeed"],
-                                   ["train.engine=deepspeed", "train.zero_stage=3"]], ids=["torch", "zero0", "zero3"])
+                                   ["train.engine=deepspeed", "train.zero_stage=3"], LIKELIHOOD],
+                         ids=["torch", "zero0", "zero3", "elbo"])
 def test_resume_after_sigkill_follows_the_uninterrupted_run(tmp_path, extra):
     train(load_config(TINY, [f"train.out_dir={tmp_path / 'straight'}", *RUN, *extra]), show_progress=False)
     straight = logged(tmp_path / "straight")
