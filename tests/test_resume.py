@@ -43,9 +43,11 @@ def kill_after_first_checkpoint(out, extra):
 LIKELIHOOD = [*(f"{k}={v}" for k, v in ELBO.items()), "train.embedding_lr=1e-2", "train.schedule_lr=1e-2"]
 
 
-@pytest.mark.parametrize("extra", [["train.engine=torch"], ["train.engine=deepspeed"],
-                                   ["train.engine=deepspeed", "train.zero_stage=3"], LIKELIHOOD],
-                         ids=["torch", "zero0", "zero3", "elbo"])
+# the likelihood case before the ZeRO-3 one: run after a ZeRO-3 engine in this process, its in-process runs drifted
+# from the killed child's by ~1e-6 from the first resumed step on (seen 2026-12-02; after ZeRO-0 they did not)
+@pytest.mark.parametrize("extra", [["train.engine=torch"], LIKELIHOOD, ["train.engine=deepspeed"],
+                                   ["train.engine=deepspeed", "train.zero_stage=3"]],
+                         ids=["torch", "elbo", "zero0", "zero3"])
 def test_resume_after_sigkill_follows_the_uninterrupted_run(tmp_path, extra):
     train(load_config(TINY, [f"train.out_dir={tmp_path / 'straight'}", *RUN, *extra]), show_progress=False)
     straight = logged(tmp_path / "straight")
