@@ -119,6 +119,11 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     optimizer and LR schedule are passed as torch objects (AdamW and the warm-up/decay LambdaLR), so that no
     DeepSpeed op needs a JIT build."""
     zero = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        # DeepSpeed's default (true) swaps torch.nn.functional.linear for its own autograd function for the rest of
+        # the process ("persists unless manually reset"): every later linear layer, of any model, then adds in
+        # another order (seen: runs after an in-process ZeRO-3 engine drifted by 1e-6 from a fresh process's)
+        zero["memory_efficient_linear"] = False
     offload = {}
     if cfg.offload_optimizer:
         if cfg.zero_stage == 0:

@@ -29,13 +29,16 @@ def test_zero0_matches_plain_pytorch_step_for_step(tmp_path):
 
 def test_zero3_partitions_yet_matches_zero0_and_exports_full_weights(tmp_path):
     """ZeRO-3 partitions the weights (the tied rounding head is gathered as an external parameter); its losses,
-    EMA and exported model match ZeRO-0's, and the export loads on a single CPU."""
+    EMA and exported model match ZeRO-0's, and the export loads on a single CPU. torch's own linear stays in
+    place for the rest of the process (DeepSpeed's default would swap in its own for good)."""
     import torch
     from safetensors.torch import load_file
 
+    linear = torch.nn.functional.linear
     for stage in (0, 3):
         train(load_config(TINY, [f"train.out_dir={tmp_path / str(stage)}", "train.engine=deepspeed",
                                  f"train.zero_stage={stage}", *STEPS]), show_progress=False)
+    assert torch.nn.functional.linear is linear
     assert metric_values(tmp_path / "3") == pytest.approx(metric_values(tmp_path / "0"), rel=1e-4, abs=1e-6)
     ema0 = load_file(tmp_path / "0" / "model" / "model.safetensors")
     ema3 = load_file(tmp_path / "3" / "model" / "model.safetensors")
