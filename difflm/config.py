@@ -209,6 +209,7 @@ class LoopConfig(Section):
     batch_size: int = 64
     lr: float = 1e-4
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999  # AdamW's second-moment decay; 0.99 forgets early gradient scales sooner (short runs)
     warmup_steps: int = 0
     max_steps: int = 1000
     max_minutes: float = 0.0  # stop early after this much wall time (0: no limit); the log says so
@@ -220,7 +221,7 @@ class LoopConfig(Section):
 
     section = "train"
     ranges = {"seed": NON_NEGATIVE, "batch_size": Range(1), "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
-              "warmup_steps": NON_NEGATIVE, "max_steps": Range(1), "max_minutes": NON_NEGATIVE,
+              "adam_beta2": OPEN_UNIT, "warmup_steps": NON_NEGATIVE, "max_steps": Range(1), "max_minutes": NON_NEGATIVE,
               "grad_clip": NON_NEGATIVE, "log_every": Range(1), "eval_every": Range(1), "save_every": Range(1)}
 
 

@@ -62,9 +62,11 @@ def param_groups(model: torch.nn.Module, cfg: LoopConfig) -> list:
 
 
 def _optimizer(model: torch.nn.Module, cfg: LoopConfig, fused: Optional[bool] = None):
-    """AdamW (fused on CUDA unless told) over `param_groups` and the warm-up/decay schedule."""
+    """AdamW (betas (0.9, train.adam_beta2); fused on CUDA unless told) over `param_groups` and the warm-up/decay
+    schedule."""
     fused = next(model.parameters()).is_cuda if fused is None else fused
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+                            weight_decay=cfg.weight_decay, fused=fused)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
 
 
