@@ -23,15 +23,14 @@ def test_lr_warms_up_then_decays_to_zero():
     assert lr_factor(60, cfg) == pytest.approx(0.5) and lr_factor(110, cfg) == 0.0
 
 
-def test_adam_beta2_reaches_the_optimizer_and_one_is_refused():
+def test_adam_beta2_reaches_the_optimizer():
+    """(Values outside (0, 1) are refused by test_config's walk over every numeric field's range.)"""
     from difflm.engines import TorchEngine
 
     model = torch.nn.Linear(2, 2)
     for beta2 in (0.999, 0.99):
         eng = TorchEngine(model, TrainConfig(adam_beta2=beta2), fused=False)
         assert [g["betas"] for g in eng.optimizer.param_groups] == [(0.9, beta2)]
-    with pytest.raises(DifflmError, match=r"train\.adam_beta2 must be"):
-        load_config(TINY, ["train.adam_beta2=1"])
 
 
 def test_ema_warm_up_and_decay():
