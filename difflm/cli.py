@@ -138,10 +138,10 @@ def _generate_images(args) -> None:
 
 
 def _sampler(args):
-    """The sampling.Sampler of --sampler / --order / --grid (one-line errors for combinations it refuses)."""
+    """The sampling.Sampler of --sampler / --order / --eta / --grid (one-line errors for combinations it refuses)."""
     from .sampling import Sampler
 
-    return Sampler(args.sampler, args.grid, args.order)
+    return Sampler(args.sampler, args.grid, args.order, args.eta)
 
 
 def _add_sampler_arguments(parser) -> None:
@@ -150,6 +150,8 @@ def _add_sampler_arguments(parser) -> None:
     parser.add_argument("--sampler", default="ddpm", help=f"{', '.join(SAMPLERS)} (default ddpm: ancestral; "
                         "ddim: deterministic; dpm++: DPM-Solver++, few steps)")
     parser.add_argument("--order", type=int, default=None, help="dpm++: the solver's order, 1 to 3 (default 2)")
+    parser.add_argument("--eta", type=float, default=None, help="ddim: the noise level (default 0, deterministic; "
+                        "1 is ancestral; above 1 re-noises more, which helps at few steps)")
     parser.add_argument("--grid", default="uniform", help=f"the sampler's time grid: {', '.join(GRIDS)} (default "
                         "uniform in t; logsnr: uniform in log-SNR; warp: through the model's time-warping CDF)")
 

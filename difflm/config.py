@@ -312,11 +312,12 @@ class GuidanceConfig(Section):
     sampler: str = "ddpm"  # ddpm, ddim or dpm++ (sampling.SAMPLERS)
     grid: str = "uniform"  # the sampler's time grid: uniform, logsnr or warp (sampling.GRIDS)
     order: int = 0  # dpm++'s order, 1 to 3 (0: its default, 2)
+    eta: float = 0.0  # ddim's noise level (0: deterministic; 1: ancestral; above 1: more noise than the posterior)
 
     section = "guidance"
     ranges = {"steps": NON_NEGATIVE, "step_size": POSITIVE, "fluency": NON_NEGATIVE, "unguided_last": NON_NEGATIVE,
               "classifier_weight": NON_NEGATIVE, "constraint_weight": NON_NEGATIVE, "free_weight": NON_NEGATIVE,
-              "sampling_steps": Range(1), "order": NON_NEGATIVE}
+              "sampling_steps": Range(1), "order": NON_NEGATIVE, "eta": NON_NEGATIVE}
 
 
 @dataclass(frozen=True)

@@ -313,11 +313,11 @@ def score(samples: Sequence[Sample], targets: Dict[str, List[Target]], tokenizer
 
 
 def guidance_sampler(g: GuidanceConfig) -> Sampler:
-    """The sampler of guidance.sampler / grid / order, refused in one line naming the section."""
+    """The sampler of guidance.sampler / grid / order / eta, refused in one line naming the section."""
     try:
-        return Sampler(g.sampler, g.grid, g.order or None)
+        return Sampler(g.sampler, g.grid, g.order or None, g.eta or None)
     except DifflmError as e:
-        raise DifflmError(f"guidance.sampler/grid/order: {e}") from None
+        raise DifflmError(f"guidance.sampler/grid/order/eta: {e}") from None
 
 
 def controlled_generate(ctx: ControlContext, targets: Dict[str, List[Target]], seed: int = 0, batch_size: int = 64,

@@ -31,12 +31,17 @@ class QualityRow:
     mean_length: float  # tokens per sample
 
 
+FEW_STEP_ETA = 2.0  # DDIM's eta above the posterior's 1: the best few-step sampler measured (docs/benchmarks.md)
+
+
 def default_samplers(model) -> List[Sampler]:
-    """DDPM and DDIM on the uniform grid (difflm's samplers before DPM-Solver++), DDPM and DPM-Solver++ on the
-    grids that space steps by noise level, and DPM-Solver++ of order 3 on the best-founded of those."""
+    """DDPM and DDIM on the uniform grid (difflm's samplers before DPM-Solver++), DDPM, DPM-Solver++ and DDIM with
+    more noise than the posterior (eta = FEW_STEP_ETA) on the grids that space steps by noise level, and
+    DPM-Solver++ of order 3 on the best-founded of those."""
     grids = ["logsnr"] + ["warp"] * (model.time_warp is not None)
     best = grids[-1]
     return ([Sampler("ddpm"), Sampler("ddim"), Sampler("ddpm", best)]
+            + [Sampler("ddim", g, eta=FEW_STEP_ETA) for g in ("uniform", best)]
             + [Sampler("dpm++", g, 2) for g in ["uniform"] + grids] + [Sampler("dpm++", best, 3)])
 
 

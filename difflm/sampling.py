@@ -7,7 +7,9 @@ eps_hat = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t),
     sigma^2 = eta^2 (1 - abar_s) / (1 - abar_t) (1 - abar_t / abar_s).
 
 eta = 1 makes this a draw from the posterior q(x_s | x_t, x0 = x0_hat): ancestral sampling (DDPM), respaced
-when steps < T. eta = 0 is deterministic DDIM.
+when steps < T. eta = 0 is deterministic DDIM. eta > 1 adds more noise than the posterior, which corrects more of
+each step's error at a few steps; sigma^2 is capped at 1 - abar_s, where the step becomes x_s ~ q(x_s | x0 = x0_hat)
+(the estimate re-noised from scratch, x_t forgotten).
 
 **DPM-Solver++** (Lu et al. 2022, "DPM-Solver++", multistep): with alpha = sqrt(abar), sigma = sqrt(1 - abar) and
 lambda = log(alpha / sigma) (half the log-SNR), the probability-flow ODE in its data-prediction form has the exact
@@ -241,8 +243,8 @@ def sample(diffusion: GaussianDiffusion, model_fn: ModelFn, shape, steps: Option
         else:
             a_t, a_s = _bcast(diffusion.alpha_bar(t), x), _bcast(diffusion.alpha_bar(s), x)
             eps_hat = (x - a_t.sqrt() * x0_hat) / (1 - a_t).sqrt()
-            var = eta ** 2 * (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
-            mean = a_s.sqrt() * x0_hat + (1 - a_s - var).clamp(min=0).sqrt() * eps_hat
+            var = torch.minimum(eta ** 2 * (1 - a_s) / (1 - a_t) * (1 - a_t / a_s), 1 - a_s)
+            mean = a_s.sqrt() * x0_hat + (1 - a_s - var).sqrt() * eps_hat
             z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype) if eta else 0.0
             x_s = mean + var.sqrt() * z
         state = StepState(k, len(times) - 1, t, s, x, x0_hat, x_s, mean, var)

@@ -261,7 +261,7 @@ def test_control_bad_inputs(tiny_run, tmp_path, capsys):
              (["--task", "content", "--target", "food=Italian", "--free"], "needs a model trained with"),
              (["--task", "length", "--target", "3", "guidance.step_size=0"], "guidance.step_size must be positive"),
              (["--task", "length", "--target", "3", "guidance.sampler=dpm++", "guidance.order=4"],
-              "guidance.sampler/grid/order: dpm++ has orders 1 to 3, got order 4"),
+              "guidance.sampler/grid/order/eta: dpm++ has orders 1 to 3, got order 4"),
              (["--task", "length", "--target", "3", "guidance.grid=warp"], "the warp grid needs a model trained")]
     for extra, message in cases:
         code, _, err = run(capsys, *base, *extra)

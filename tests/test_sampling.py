@@ -140,6 +140,25 @@ def test_hooks_apply_to_the_solver():
     assert not torch.allclose(plain, moved)
 
 
+def test_ddim_noise_above_the_posterior_is_capped_at_the_marginal():
+    """eta > 1: sigma^2 = eta^2 (1 - abar_s)/(1 - abar_t)(1 - abar_t/abar_s) is capped at 1 - abar_s, where the step is
+    a fresh draw from q(x_s | x0_hat); below the cap it is eta^2 times the posterior's variance."""
+    d = GaussianDiffusion(Sqrt(), num_steps=100)
+    x_T = torch.randn(4000, 1, generator=gen(5), dtype=F64)
+    for eta in (1.0, 1.5, 50.0):
+        seen = []
+        ddim_sample(d, gaussian_optimal_x0(d, M, S2), x_T.shape, steps=10, eta=eta, x_T=x_T.clone(), dtype=F64,
+                    generator=gen(6), callback=seen.append)
+        for st in seen[:-1]:
+            a_t, a_s = d.alpha_bar(st.t[:1]).item(), d.alpha_bar(st.s[:1]).item()
+            posterior = (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
+            assert st.var[0].item() == pytest.approx(min(eta ** 2 * posterior, 1 - a_s), rel=1e-12)
+            if eta == 50.0:  # re-noised from scratch: x_s - sqrt(abar_s) x0_hat ~ N(0, 1 - abar_s), x_t forgotten
+                torch.testing.assert_close(st.mean, math.sqrt(a_s) * st.x0_hat)
+                resid = st.x_s - math.sqrt(a_s) * st.x0_hat
+                assert resid.var().item() == pytest.approx(1 - a_s, rel=0.1)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"name": "euler"}, "unknown sampler 'euler'; choose one of ddpm, ddim, dpm++"),
     ({"name": "dpm++", "order": 4}, "dpm++ has orders 1 to 3, got order 4"),
@@ -163,6 +182,8 @@ def test_grid_errors():
 @pytest.mark.parametrize("args,message", [
     (["--sampler", "dpm++", "--order", "5"], "dpm++ has orders 1 to 3, got order 5"),
     (["--order", "2"], "a solver order is for dpm++; ddpm is a first-order step (drop --order)"),
+    (["--eta", "1.5"], "eta is DDIM's noise level; ddpm does not take one (use sampler ddim)"),
+    (["--sampler", "ddim", "--eta", "-1"], "DDIM's eta must not be negative, got -1.0"),
     (["--grid", "exponential"], "unknown time grid 'exponential'"),
     (["--grid", "warp"], "the warp grid needs a model trained with time warping (diffusion.time_warp_bins > 0)"),
 ])
@@ -189,7 +210,8 @@ def test_bench_measures_quality_against_steps_on_a_trained_model(tiny_run, tmp_p
             if r["section"] == "sampling_quality"]
     assert (rows[0]["sampler"], rows[0]["steps"], rows[0]["speed_up"]) == ("ddpm, uniform grid", 100, 1.0)
     samplers = {r["sampler"] for r in rows[1:]}
-    assert {"ddim, uniform grid", "dpm++ order 2, logsnr grid", "dpm++ order 3, logsnr grid"} <= samplers
+    assert {"ddim, uniform grid", "ddim eta 2, uniform grid", "ddim eta 2, logsnr grid", "dpm++ order 2, logsnr grid",
+            "dpm++ order 3, logsnr grid"} <= samplers
     assert {r["steps"] for r in rows[1:]} == {5, 10}  # 200 is more than the tiny model's T
     assert all(0 <= r["grammatical"] <= 1 and r["sequences_per_s"] > 0 for r in rows)
     assert "| sampler | passes | seq/s | speed-up | grammatical | entropy | distinct-2 | length |" in out
