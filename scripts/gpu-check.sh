@@ -51,7 +51,7 @@ if [ "$dry" = "--dry-run" ]; then  # the same commands on the tiny configs and t
   train_cfg=configs/tiny.yaml
   train_args=(train.max_steps=40 train.eval_every=20 train.max_minutes=2 train.precision=fp32 train.compile=false
               model.output=logits model.embedding_norm=true model.mse_weight=0 model.ce_weight=1
-              model.self_condition=true diffusion.time_warp_bins=10)
+              model.self_condition=true model.attributes=true diffusion.time_warp_bins=10)
   teacher_args=(teacher.max_steps=40 teacher.max_minutes=1 teacher.hidden_size=32 teacher.num_layers=1
                 teacher.num_heads=2 teacher.eval_every=20)
   samples=32 eval_steps=50 limits=(240 120 60 120)

@@ -293,6 +293,19 @@ def test_classifier_free_training_and_control(tmp_path, capsys):
     assert code == 0 and "content 'food=Italian': success" in stdout, err
 
 
+def test_attributes_without_meaning_representations_name_the_ways_out(tmp_path, capsys):
+    """The e2e configs train with model.attributes: data without an mr column is refused in one line that says
+    how to give one or to train without."""
+    data = tmp_path / "t.txt"
+    data.write_text("".join(f"the cat sat on mat {i % 7} .\n" for i in range(40)))
+    out = tmp_path / "cfg"
+    code, _, err = run(capsys, "train", "--config", TINY, f"train.out_dir={out}", "model.attributes=true",
+                       f"data.source={data}", "data.dev_source=", "data.mr_column=", "train.max_steps=2",
+                       "--no-progress")
+    assert code == 2 and "data.mr_column" in err and "model.attributes=false" in err, err
+    assert "Traceback" not in err and not (out / "model").exists()
+
+
 # ---- parts of speech and syntax (the optional spaCy extra) -------------------------------------------------------
 def test_missing_spacy_names_the_extra(monkeypatch):
     from difflm import tagging
