@@ -230,9 +230,8 @@ def train_classifier(model, tokenizer, cfg: Config, task: str, show_progress: bo
     from .data import load_texts
 
     texts = load_texts(cfg.data)
-    if task == "content" and not texts.train_mr:
-        raise DifflmError("content control needs meaning representations: set data.mr_column (mr for the E2E "
-                          "CSVs, meaning_representation on the Hub) or use builtin:restaurants")
+    if task == "content":
+        texts.require_meanings("content control")
     _, train_ids, dev_ids, counts = prepare_data(cfg, tokenizer, texts)
     n = min(len(train_ids), c.max_examples) if c.max_examples else len(train_ids)
     fields = mr_values(texts.train_mr[:n]) if task == "content" else {}

@@ -29,6 +29,13 @@ class TextSplits:
     train_mr: Optional[List[str]] = None  # meaning representations (`field[value], ...`) aligned with the texts
     dev_mr: Optional[List[str]] = None
 
+    def require_meanings(self, what: str, alternative: str = "") -> None:
+        """Refuse in one line when `what` needs meaning representations and these texts have none."""
+        if not self.train_mr:
+            ways = ["set data.mr_column (mr for the E2E CSVs, meaning_representation on the Hub)",
+                    "use builtin:restaurants"] + [alternative] * bool(alternative)
+            raise DifflmError(f"{what} needs meaning representations: {', '.join(ways[:-1])} or {ways[-1]}")
+
 
 _MR_ITEM = re.compile(r"\s*([^\[\],]+?)\s*\[([^\]]*)\]\s*(?:,|$)")
 

@@ -136,10 +136,7 @@ def training_rows(cfg: Config):
     if not cfg.model.attributes:
         return (*prepare_data(cfg), None)
     texts = load_texts(cfg.data)
-    if not texts.train_mr:
-        raise DifflmError("model.attributes needs meaning representations: set data.mr_column (mr for the E2E "
-                          "CSVs, meaning_representation on the Hub), use builtin:restaurants, or set "
-                          "model.attributes=false")
+    texts.require_meanings("model.attributes", "set model.attributes=false")
     tokenizer, train_ids, dev_ids, counts = prepare_data(cfg, texts=texts)
     names = attribute_names(texts.train_mr)
     log.info("conditioning on %d attributes (field=value pairs seen twice or more)", len(names))
