@@ -90,7 +90,7 @@ def cmd_generate(args) -> None:
     from .files import atomic_write_text
     from .precision import check_precision
     from .sampling import check_request
-    from .text import generate, load_model, sampling_temperature
+    from .text import generate, load_model, meaning_control, sampling_temperature
 
     from .image import is_image_model
     from .runtime import resolve_device
@@ -103,14 +103,31 @@ def cmd_generate(args) -> None:
                   warp=model.time_warp)
     check_precision(args.precision, "--precision")
     temperature = sampling_temperature(model, args.temperature)
+    meanings, control = _meanings(args.meanings), None
+    if meanings is not None:
+        control = meaning_control(model, meanings, args.free_weight)
+    elif args.free_weight:
+        raise DifflmError("--free-weight guides toward --meanings; give a file of meaning representations with it")
     with tqdm(total=args.num_samples, desc="generate", disable=args.no_progress, dynamic_ncols=True) as bar:
         samples = generate(model, tokenizer, args.num_samples, steps=args.steps, sampler=sampler,
                            clamp=args.clamp, seed=args.seed, batch_size=args.batch_size, progress=bar.update,
-                           precision=args.precision, compile=args.compile, temperature=temperature)
-    atomic_write_text(Path(args.out), "".join(json.dumps({"text": s.text, "ids": s.ids}) + "\n" for s in samples))
+                           precision=args.precision, compile=args.compile, temperature=temperature, control=control)
+    rows = [{"text": s.text, "ids": s.ids} | ({"meaning": meanings[i % len(meanings)]} if meanings else {})
+            for i, s in enumerate(samples)]
+    atomic_write_text(Path(args.out), "".join(json.dumps(r) + "\n" for r in rows))
     logging.getLogger("difflm").info("wrote %d samples to %s", len(samples), args.out)
     for s in samples[: args.show]:
         print(s.text)
+
+
+def _meanings(path: Optional[str]) -> Optional[List[str]]:
+    """The non-blank lines of a --meanings file (None without one)."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise DifflmError(f"--meanings file {path} does not exist; write one meaning representation per line, "
+                          f"e.g. name[The Eagle], food[French]")
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _generate_images(args) -> None:
@@ -479,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=None,
                    help="model.output=logits: x0 = softmax(logits / T) E; below 1 more fluent, less diverse "
                    "(default: the model's, from model.sample_temperature in training)")
+    g.add_argument("--meanings", help="data-to-text (a model trained with model.attributes): a file of meaning "
+                   "representations, one per line as E2E writes them; sample i is conditioned on line i mod lines")
+    g.add_argument("--free-weight", type=float, default=0.0,
+                   help="with --meanings: classifier-free guidance weight w (0, the default: the conditional model)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--precision", default="fp32", help="fp32, or bf16 (autocast on a CUDA GPU)")

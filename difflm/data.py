@@ -58,6 +58,32 @@ def mr_values(mrs: List[str], min_count: int = 2) -> Dict[str, List[str]]:
     return {f: sorted(v for v, n in c.items() if n >= min_count) for f, c in sorted(counts.items())}
 
 
+def attribute_names(mrs: List[str], min_count: int = 2) -> List[str]:
+    """The `field=value` pairs of meaning representations seen at least `min_count` times, sorted."""
+    return sorted(f"{f}={v}" for f, values in mr_values(mrs, min_count).items() for v in values)
+
+
+def attribute_vectors(mrs: List[str], names: List[str], strict: bool = False) -> torch.Tensor:
+    """(N, A) 0/1 rows: which of `names` each meaning representation states. Training rows skip the rare pairs
+    that `names` left out; `strict` (a user's meanings to generate from) refuses in one line a line that states
+    nothing or a pair the model never learnt, naming the line and the values it knows for that field."""
+    index = {a: i for i, a in enumerate(names)}
+    out = torch.zeros(len(mrs), len(names), dtype=torch.long)
+    for r, mr in enumerate(mrs):
+        pairs = parse_mr(mr)
+        if strict and not pairs:
+            raise DifflmError(f"meaning {r + 1} ({mr.strip()[:60]!r}) states no field[value] pair; write it as E2E "
+                              f"does, e.g. 'name[The Eagle], food[French]'")
+        for k, v in pairs.items():
+            if f"{k}={v}" in index:
+                out[r, index[f"{k}={v}"]] = 1
+            elif strict:
+                known = [a.split("=", 1)[1] for a in names if a.split("=", 1)[0] == k]
+                hint = f"it knows {', '.join(f'{k}[{x}]' for x in known)}" if known else f"it knows no field {k!r}"
+                raise DifflmError(f"meaning {r + 1} states {k}[{v}], which the model was not trained on; {hint}")
+    return out
+
+
 def _looks_local(source: str) -> bool:
     return (source.startswith((".", "/", "~")) or Path(source).suffix.lower() in LOCAL_BUILDERS
             or Path(source).exists())

@@ -10,7 +10,7 @@ from typing import Callable, List, NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .data import decode
+from .data import attribute_vectors, decode
 from .diffusion import ELBOTerms, VarianceGradient
 from .errors import DifflmError, loading
 from .files import AtomicDir
@@ -337,6 +337,27 @@ class BatchControl:
     fixed: Optional[torch.Tensor] = None
 
 
+def meaning_control(model: TextDiffusionModel, meanings: List[str], weight: float = 0.0) -> Callable:
+    """The `control` of `generate` for data-to-text: sample i is drawn from p(x | meanings[i mod n]), the
+    meaning representation's field=value pairs as the model was conditioned on them in training
+    (model.attributes). `weight` w > 0 sharpens it by classifier-free guidance, (1 + w) out(x | a) - w out(x)
+    (SamplingModelFn); w = 0 samples the conditional model as trained."""
+    if not model.config.attributes:
+        raise DifflmError("--meanings needs a model trained on meaning representations (model.attributes=true)")
+    if not meanings:
+        raise DifflmError("--meanings gave no meaning representations (one per line, e.g. name[The Eagle], food[French])")
+    if not math.isfinite(weight) or weight < 0:
+        raise DifflmError(f"the guidance weight must be a number >= 0, got {weight}")
+    vectors = attribute_vectors(meanings, model.config.attributes, strict=True).float()
+    vectors = vectors.to(model.embedding.weight.device)
+
+    def control(a: int, b: int, model_fn: SamplingModelFn) -> BatchControl:
+        rows = vectors[torch.arange(a, b) % len(meanings)]
+        return BatchControl(model_fn=SamplingModelFn(model, rows, weight, net=model_fn.net,
+                                                     temperature=model_fn.temperature))
+    return control
+
+
 @torch.no_grad()
 def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Optional[int] = None,
              sampler: Union[str, Sampler] = "ddpm", clamp: bool = False, seed: int = 0, batch_size: int = 64,
@@ -360,7 +381,7 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
     check_precision(precision, "--precision")
     temperature = sampling_temperature(model, temperature)
     if compile and control is not None:
-        raise DifflmError("compiled sampling is for unguided generation; drop --compile with control")
+        raise DifflmError("compiled sampling is for unguided generation; drop --compile with control or --meanings")
     model.eval()
     net = compiled_network(model) if compile else model
     generator = torch.Generator(device=model.embedding.weight.device).manual_seed(seed)

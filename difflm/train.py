@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from .card import CARD, data_facts, new_card, training_facts
 from .config import Config, LoopConfig, save_config
 from .curves import TrainingCurves, require_tensorboard
-from .data import TextSplits, build_tokenizer, encode, load_texts, load_tokenizer, mr_values, parse_mr, special_ids
+from .data import (TextSplits, attribute_names, attribute_vectors, build_tokenizer, encode, load_texts,
+                   load_tokenizer, special_ids)
 from .diffusion import PREDICTIONS
 from .engines import engine_config, make_engine
 from .errors import DifflmError, TrainingInterrupted
@@ -81,22 +82,6 @@ def prepare_data(cfg: Config, tokenizer=None, texts: Optional[TextSplits] = None
     counts = {"train_texts": len(train_ids), "dev_texts": len(dev_ids), "truncated_train": n_trunc,
               "truncated_dev": n_trunc_dev, "vocabulary": len(tokenizer)}
     return tokenizer, train_ids, dev_ids, counts
-
-
-def attribute_names(mrs: List[str], min_count: int = 2) -> List[str]:
-    """The `field=value` pairs of meaning representations seen at least `min_count` times, sorted."""
-    return sorted(f"{f}={v}" for f, values in mr_values(mrs, min_count).items() for v in values)
-
-
-def attribute_vectors(mrs: List[str], names: List[str]) -> torch.Tensor:
-    """(N, A) 0/1 rows: which of `names` each meaning representation states."""
-    index = {a: i for i, a in enumerate(names)}
-    out = torch.zeros(len(mrs), len(names), dtype=torch.long)
-    for r, mr in enumerate(mrs):
-        for k, v in parse_mr(mr).items():
-            if f"{k}={v}" in index:
-                out[r, index[f"{k}={v}"]] = 1
-    return out
 
 
 def model_config(cfg: Config, vocab_size: int, special: tuple = (0, 1, 2),

@@ -20,7 +20,7 @@ from difflm.grammar import builtin_grammar
 from difflm.guidance import Guidance
 from difflm.sampling import StepState
 from difflm.schedules import get_schedule
-from difflm.text import SamplingModelFn, load_model, save_model
+from difflm.text import SamplingModelFn, load_model, meaning_control, save_model
 
 from conftest import ROOT
 
@@ -291,6 +291,47 @@ def test_classifier_free_training_and_control(tmp_path, capsys):
     code, stdout, err = run(capsys, "control", "--model", str(out), "--free", "--task", "content", "--target",
                             "food=Italian", "--num-samples", "2", "--out", str(tmp_path / "f.jsonl"), "--no-progress")
     assert code == 0 and "content 'food=Italian': success" in stdout, err
+
+    # data-to-text: generate --meanings conditions sample i on line i mod lines, and says which in its output
+    meanings = tmp_path / "m.txt"
+    meanings.write_text("food[Italian]\n\nfood[Italian], area[by the riverside]\n", encoding="utf-8")
+    samples = tmp_path / "m.jsonl"
+    code, _, err = run(capsys, "generate", "--model", str(out), "--meanings", str(meanings), "--num-samples", "3",
+                       "--steps", "4", "--free-weight", "1", "--out", str(samples), "--no-progress")
+    assert code == 0, err
+    assert [json.loads(r)["meaning"] for r in samples.read_text().splitlines()] == [
+        "food[Italian]", "food[Italian], area[by the riverside]", "food[Italian]"]
+    names = model.config.attributes
+    control = meaning_control(model, ["food[Italian]", "area[by the riverside]"], weight=0.5)
+    fn = control(2, 5, SamplingModelFn(model)).model_fn
+    expected = torch.zeros(3, len(names))
+    expected[[0, 2], names.index("food=Italian")] = 1
+    expected[1, names.index("area=by the riverside")] = 1
+    assert torch.equal(fn.attributes, expected) and fn.weight == 0.5
+
+    meanings.write_text("food[Italian]\nfood[Martian]\n", encoding="utf-8")
+    code, _, err = run(capsys, "generate", "--model", str(out), "--meanings", str(meanings), "--num-samples", "2",
+                       "--steps", "4", "--out", str(tmp_path / "bad.jsonl"), "--no-progress")
+    assert code == 2 and "meaning 2 states food[Martian]" in err and "food[Italian]" in err, err
+    assert "Traceback" not in err and not (tmp_path / "bad.jsonl").exists()
+    meanings.write_text("Italian food please\n", encoding="utf-8")
+    code, _, err = run(capsys, "generate", "--model", str(out), "--meanings", str(meanings), "--num-samples", "2",
+                       "--steps", "4", "--out", str(tmp_path / "bad.jsonl"), "--no-progress")
+    assert code == 2 and "states no field[value] pair" in err, err
+
+
+def test_meanings_need_a_conditioned_model(tiny_run, tmp_path, capsys):
+    meanings = tmp_path / "m.txt"
+    meanings.write_text("food[Italian]\n", encoding="utf-8")
+    common = ["generate", "--model", str(tiny_run), "--num-samples", "2", "--steps", "4",
+              "--out", str(tmp_path / "o.jsonl"), "--no-progress"]
+    code, _, err = run(capsys, *common, "--meanings", str(meanings))
+    assert code == 2 and "model.attributes=true" in err, err
+    code, _, err = run(capsys, *common, "--meanings", str(tmp_path / "absent.txt"))
+    assert code == 2 and "does not exist" in err, err
+    code, _, err = run(capsys, *common, "--free-weight", "1")
+    assert code == 2 and "--meanings" in err, err
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_attributes_without_meaning_representations_name_the_ways_out(tmp_path, capsys):
