@@ -427,5 +427,16 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     return _build(Config, tree, "")
 
 
+def config_yaml(cfg: Config) -> str:
+    """The config as YAML, with local data files as absolute paths: a relative one names a file from the directory
+    training ran in, so commands that read a saved config from elsewhere (eval, train-teacher --model) find it."""
+    tree = cfg.to_dict()
+    for key in ("source", "dev_source"):
+        value = tree["data"][key]
+        if value and Path(value).exists():
+            tree["data"][key] = str(Path(value).resolve())
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    path.write_text(config_yaml(cfg))

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from .card import CARD, data_facts, new_card, training_facts
-from .config import Config, LoopConfig, save_config
+from .config import Config, LoopConfig, config_yaml, save_config
 from .curves import TrainingCurves, require_tensorboard
 from .data import (TextSplits, attribute_names, attribute_vectors, build_tokenizer, encode, load_texts,
                    load_tokenizer, special_ids)
@@ -510,7 +509,7 @@ def save_checkpoint(out: Path, weights: Optional[dict], ema: EMA, engine, tokeni
     tmp, final = out / ".checkpoint.partial", out / "checkpoint"
     if main:
         save_model(ema.model, tokenizer, out / "model",
-                   extra_files={TRAINING_CONFIG: yaml.safe_dump(cfg.to_dict()), **({CARD: card} if card else {})})
+                   extra_files={TRAINING_CONFIG: config_yaml(cfg), **({CARD: card} if card else {})})
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "engine").mkdir(parents=True)
     _barrier()

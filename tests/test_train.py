@@ -91,3 +91,22 @@ def test_batches_cover_each_epoch_once_and_survive_a_tiny_dataset():
     again = BatchStream(ids, 3, seed=123)
     again.load_state_dict(state)
     assert [next(again).tolist() for _ in range(4)] == expected
+
+
+def test_saved_configs_name_local_data_absolutely(tmp_path, monkeypatch):
+    """A relative data path names a file from where training ran: the run's and the model's saved configs hold it
+    absolute, so `eval --model` (held-out text) works from another directory."""
+    import yaml
+
+    from difflm.cli import _config_for_model
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "t.txt").write_text("".join(f"the cat sat on mat {i % 7} .\n" for i in range(40)))
+    monkeypatch.chdir(tmp_path / "data")
+    train(load_config(TINY, ["train.out_dir=../run", "data.source=t.txt", "data.dev_source=",
+                             "train.max_steps=2", "train.eval_every=2"]), show_progress=False)
+    absolute = str(tmp_path / "data" / "t.txt")
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["source"] == absolute
+    monkeypatch.chdir(tmp_path)
+    args = type("Args", (), {"config": None, "model": "run", "overrides": []})()
+    assert _config_for_model(args).data.source == absolute
