@@ -161,6 +161,12 @@ def _sampler(args):
     return Sampler(args.sampler, args.grid, args.order, args.eta)
 
 
+def _add_temperature_argument(p) -> None:
+    p.add_argument("--temperature", type=float, default=None,
+                   help="model.output=logits: x0 = softmax(logits / T) E; below 1 more fluent, less diverse "
+                   "(default: the model's, from model.sample_temperature in training)")
+
+
 def _add_sampler_arguments(parser) -> None:
     from .sampling import GRIDS, SAMPLERS
 
@@ -353,7 +359,7 @@ def _control_context(args, cfg, device):
     from .control import ControlContext, guidance_sampler
     from .guidance import check_guidance_config
     from .sampling import check_request
-    from .text import load_model
+    from .text import load_model, sampling_temperature
 
     check_guidance_config(cfg.guidance)
     sampler = guidance_sampler(cfg.guidance)
@@ -364,7 +370,8 @@ def _control_context(args, cfg, device):
     for path in args.classifier or []:
         clf = load_classifier(path, model, device=device)
         classifiers[clf.config.task] = clf
-    return ControlContext(model, tokenizer, cfg.guidance, classifiers, free=getattr(args, "free", False))
+    return ControlContext(model, tokenizer, cfg.guidance, classifiers, free=getattr(args, "free", False),
+                          temperature=sampling_temperature(model, args.temperature))
 
 
 def _guidance_config(args):
@@ -493,9 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="sampling steps, i.e. network passes (default: all T)")
     _add_sampler_arguments(g)
     g.add_argument("--clamp", action="store_true", help="clamp each x0 estimate to its nearest word embeddings")
-    g.add_argument("--temperature", type=float, default=None,
-                   help="model.output=logits: x0 = softmax(logits / T) E; below 1 more fluent, less diverse "
-                   "(default: the model's, from model.sample_temperature in training)")
+    _add_temperature_argument(g)
     g.add_argument("--meanings", help="data-to-text (a model trained with model.attributes): a file of meaning "
                    "representations, one per line as E2E writes them; sample i is conditioned on line i mod lines")
     g.add_argument("--free-weight", type=float, default=0.0,
@@ -530,8 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-samples", type=int, default=256)
     e.add_argument("--steps", type=int, default=200, help="sampling steps when generating")
     _add_sampler_arguments(e)
-    e.add_argument("--temperature", type=float, default=None, help="sampling temperature when generating "
-                   "(model.output=logits; see generate)")
+    _add_temperature_argument(e)
     e.add_argument("--held-out", type=int, default=512, help="held-out texts for the bound")
     e.add_argument("--bound-draws", type=int, default=16, help="stratified draws of t per held-out text")
     e.add_argument("--seed", type=int, default=0)
@@ -581,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="config for the guidance section (and data); default: the model's")
         p.add_argument("overrides", nargs="*", help="section.key=value, e.g. guidance.step_size=0.05")
         p.add_argument("--seed", type=int, default=0)
+        _add_temperature_argument(p)
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--device", default="auto")
         p.add_argument("--no-progress", action="store_true")

@@ -307,6 +307,7 @@ class GuidanceConfig(Section):
     classifier_weight: float = 1.0  # weight of each classifier's log-probability
     constraint_weight: float = 1.0  # weight of token constraints (length, infilling) scored by the rounding head
     impute: bool = True  # also put fixed tokens (infilling, END/PAD of a length) into each x0 estimate
+    implied_length: bool = True  # pos and syntax targets also guide the length they imply, as a token constraint
     free_weight: float = 2.0  # classifier-free guidance: x0 = (1 + w) x0(c) - w x0(no c)
     sampling_steps: int = 200  # sampler steps (Diffusion-LM guides 200 of its 2000)
     sampler: str = "ddpm"  # ddpm, ddim or dpm++ (sampling.SAMPLERS)

@@ -10,7 +10,10 @@ Tasks and their targets (the `--target` strings of `difflm control`):
 - pos      a tag per word (spaCy's tag set) a noisy tagger; success: word-level exact match;
 - syntax   `i-j:TAG ...`                 word spans i..j (0-based, inclusive) that must be a head's subtree in the
            dependency parse, labelled with the head's tag; a noisy span classifier; success: span recall.
-Several tasks at once guide together (their objectives add up).
+Several tasks at once guide together (their objectives add up). A pos or syntax target also implies a length
+(a tag per word; spans need at least as many words as their last end), which with guidance.implied_length is
+guided as a token constraint beside the classifier: the classifiers alone, scoring noisy latents, barely move
+the length, so spans past the end of a short sample could not be met.
 
 Length and infilling are constraints on tokens at positions: log p(token at k in allowed set | x_t) under the
 rounding head applied to the model's x0 estimate. With guidance.impute the fixed tokens (and START, END, PAD)
@@ -38,6 +41,7 @@ from .text import BatchControl, Sample, SamplingModelFn, generate
 log = logging.getLogger("difflm")
 TASKS = ("content", "length", "infill", "pos", "syntax")
 CLASSIFIED = ("content", "pos", "syntax")  # tasks guided by a noisy classifier
+IMPLYING_LENGTH = ("pos", "syntax")  # targets that imply a length (guidance.implied_length)
 FREE = "_"  # a free slot in an infilling template
 
 
@@ -55,6 +59,7 @@ class ControlContext:
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     classifiers: Dict[str, Any] = field(default_factory=dict)  # task -> NoisyClassifier
     free: bool = False  # content by classifier-free guidance (a model trained with model.attributes)
+    temperature: Optional[float] = None  # sampling temperature (model.output=logits); None: the model's default
 
     @property
     def body_len(self) -> int:
@@ -211,6 +216,26 @@ def token_constraints(target: Target, ctx: ControlContext):
     return fixed, allowed, torch.ones(L, dtype=torch.bool)
 
 
+def implied_constraints(target: Target, ctx: ControlContext):
+    """The length a pos or syntax target implies, as token constraints like `token_constraints`': a tag per word
+    fixes the length exactly (END after the last tag); spans i..j need at least max(j) + 1 words, so positions up
+    to the last span's end may hold no START, END or PAD (the rest is free)."""
+    if target.task == "pos":
+        return token_constraints(Target("length", str(len(target.value)), len(target.value)), ctx)
+    L, V = ctx.model.config.seq_len, ctx.model.config.vocab_size
+    start, end, pad = special_ids(ctx.tokenizer)
+    n = max(j for _, j, _ in target.value) + 1
+    fixed = torch.full((L,), -1, dtype=torch.long)
+    fixed[0] = start
+    allowed = torch.ones(L, V, dtype=torch.bool)
+    allowed[0] = False
+    allowed[0, start] = True
+    allowed[1: n + 1, [start, end, pad]] = False
+    constrained = torch.zeros(L, dtype=torch.bool)
+    constrained[: n + 1] = True
+    return fixed, allowed, constrained
+
+
 def attribute_vector(target: Target, names: List[str]) -> torch.Tensor:
     vec = torch.zeros(len(names))
     for f, v in target.value.items():
@@ -229,7 +254,8 @@ def make_control(targets: Dict[str, List[Target]], ctx: ControlContext):
         free = ctx.free and "content" in targets
         if free:  # classifier-free guidance changes the model_fn, whose x0 estimate the token guides then read
             attrs = [attribute_vector(r, model.config.attributes) for r in targets["content"][a:b]]
-            model_fn = SamplingModelFn(model, torch.stack(attrs).to(device), g.free_weight)
+            model_fn = SamplingModelFn(model, torch.stack(attrs).to(device), g.free_weight, net=model_fn.net,
+                                       temperature=model_fn.temperature)
         for task, rows in targets.items():
             rows = rows[a:b]
             if task == "content" and free:
@@ -240,8 +266,9 @@ def make_control(targets: Dict[str, List[Target]], ctx: ControlContext):
                 k = max(len(i) for i in idx)
                 index = torch.tensor([i + [-1] * (k - len(i)) for i in idx], device=device)
                 guides.append((ClassifierGuide(clf, index, (index >= 0).to(weight.dtype)), g.classifier_weight))
-            else:
-                parts = [token_constraints(r, ctx) for r in rows]
+            if task not in CLASSIFIED or (task in IMPLYING_LENGTH and g.implied_length):
+                constraints = token_constraints if task not in CLASSIFIED else implied_constraints
+                parts = [constraints(r, ctx) for r in rows]
                 f, allowed, constrained = (torch.stack(p).to(device) for p in zip(*parts))
                 fixed = f if fixed is None else torch.where(f >= 0, f, fixed)
                 guides.append((TokenGuide(model_fn.x0, weight, allowed, constrained), g.constraint_weight))
@@ -326,7 +353,8 @@ def controlled_generate(ctx: ControlContext, targets: Dict[str, List[Target]], s
     n = len(next(iter(targets.values())))
     g = ctx.guidance
     samples = generate(ctx.model, ctx.tokenizer, n, steps=g.sampling_steps, sampler=guidance_sampler(g), seed=seed,
-                       batch_size=batch_size, progress=progress, control=make_control(targets, ctx))
+                       batch_size=batch_size, progress=progress, control=make_control(targets, ctx),
+                       temperature=ctx.temperature)
     return score(samples, targets, ctx.tokenizer)
 
 
@@ -424,7 +452,7 @@ def eval_control(ctx: ControlContext, task_sets: List[List[str]], held_out, teac
     seq_len = ctx.model.config.seq_len
     g = ctx.guidance
     plain = generate(ctx.model, ctx.tokenizer, n, steps=g.sampling_steps, sampler=guidance_sampler(g), seed=seed,
-                     batch_size=batch_size, progress=progress)
+                     batch_size=batch_size, progress=progress, temperature=ctx.temperature)
     results = [("unguided", score(plain, expand, ctx.tokenizer))]
     for task_set in task_sets:
         free = "content-free" in task_set

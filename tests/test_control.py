@@ -3,6 +3,7 @@
 import json
 import math
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from difflm.classifier import (POSITION_CLASSES, SPAN_CLASSES, NoisyClassifier, 
                                position_labels, span_labels)
 from difflm.cli import main
 from difflm.config import GuidanceConfig
-from difflm.control import ControlContext, Target, parse_target, success, token_constraints
+from difflm.control import (ControlContext, TokenGuide, Target, implied_constraints, make_control, parse_target,
+                            success, token_constraints)
 from difflm.data import mr_values, parse_mr
 from difflm.diffusion import GaussianDiffusion
 from difflm.errors import DifflmError
@@ -183,6 +185,48 @@ def test_token_constraints_fix_start_end_pad_and_words(ctx):
     assert fixed[:6].tolist() == [start, aromi, is_, -1, pub, end]
 
 
+def test_pos_and_syntax_targets_imply_their_length(ctx):
+    start, end, pad = ctx.tokenizer.convert_tokens_to_ids(["[START]", "[END]", "[PAD]"])
+    pos = parse_target("pos", "PROPN AUX NOUN", ctx)
+    for a, b in zip(implied_constraints(pos, ctx), token_constraints(parse_target("length", "3", ctx), ctx)):
+        assert torch.equal(a, b)  # a tag per word: exactly that many words
+    fixed, allowed, constrained = implied_constraints(parse_target("syntax", "1-2:NOUN 0-4:AUX", ctx), ctx)
+    assert fixed[0] == start and (fixed[1:] == -1).all()
+    assert constrained[:6].all() and not constrained[6:].any()  # START and words 0..4 at positions 1..5
+    assert not allowed[1:6][:, [start, end, pad]].any() and allowed[1:6].sum() == 5 * (allowed.shape[1] - 3)
+    assert allowed[6:].all()  # past the last span anything, END included
+    model = ctx.model
+    clfs = {task: NoisyClassifier(NoisyClassifierConfig(task=task, seq_len=24, embed_dim=8, hidden_size=16,
+                                                        num_layers=1, num_heads=2)) for task in ("pos", "syntax")}
+    targets = {"pos": [pos, pos], "syntax": [parse_target("syntax", "0-4:AUX", ctx)] * 2}
+    for implied in (True, False):
+        c = ControlContext(model, ctx.tokenizer, GuidanceConfig(implied_length=implied), clfs)
+        batch = make_control(targets, c)(0, 2, SamplingModelFn(model))
+        tokens = [g for g, _ in batch.guide.guides if isinstance(g, TokenGuide)]
+        assert len(tokens) == (2 if implied else 0) and len(batch.guide.guides) == len(tokens) + 2
+        assert (batch.fixed is not None) == implied
+
+
+def test_control_samples_at_the_given_temperature(ctx, monkeypatch):
+    import difflm.control as control
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fake_generate(*args, **kwargs):
+        seen.append(kwargs["temperature"])
+        raise Stop
+
+    monkeypatch.setattr(control, "generate", fake_generate)
+    for temperature in (None, 0.7):
+        with pytest.raises(Stop):
+            control.controlled_generate(replace(ctx, temperature=temperature),
+                                        {"length": [parse_target("length", "3", ctx)]})
+    assert seen == [None, 0.7]
+
+
 def test_success_measures():
     assert success(Target("content", "food=Italian", {"food": "Italian"}), [], "it serves italian food") == 1.0
     assert success(Target("content", "food=Italian", {"food": "Italian"}), [], "it serves French food") == 0.0
@@ -262,7 +306,9 @@ def test_control_bad_inputs(tiny_run, tmp_path, capsys):
              (["--task", "length", "--target", "3", "guidance.step_size=0"], "guidance.step_size must be positive"),
              (["--task", "length", "--target", "3", "guidance.sampler=dpm++", "guidance.order=4"],
               "guidance.sampler/grid/order/eta: dpm++ has orders 1 to 3, got order 4"),
-             (["--task", "length", "--target", "3", "guidance.grid=warp"], "the warp grid needs a model trained")]
+             (["--task", "length", "--target", "3", "guidance.grid=warp"], "the warp grid needs a model trained"),
+             (["--task", "length", "--target", "3", "--temperature", "0.5"], "needs a model with categorical output"),
+             (["--task", "length", "--target", "3", "--temperature", "-1"], "must be a positive number")]
     for extra, message in cases:
         code, _, err = run(capsys, *base, *extra)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
