@@ -217,7 +217,7 @@ def token_constraints(target: Target, ctx: ControlContext):
 
 
 def implied_constraints(target: Target, ctx: ControlContext):
-    """The length a pos or syntax target implies, as token constraints like `token_constraints`': a tag per word
+    """The length a pos or syntax target implies, in token_constraints' form: a tag per word
     fixes the length exactly (END after the last tag); spans i..j need at least max(j) + 1 words, so positions up
     to the last span's end may hold no START, END or PAD (the rest is free)."""
     if target.task == "pos":
