@@ -197,13 +197,25 @@ def classifier_index(target: Target, clf, seq_len: int) -> List[int]:
 
 def token_constraints(target: Target, ctx: ControlContext):
     """(fixed ids (L,) with -1 where free, allowed (L, V), constrained (L,)) of a length or infilling target:
-    START, the words, END, PAD; free word slots may take any token but the special ones."""
+    START, the words, END, PAD; free word slots may take any token but the special ones. Also the length a pos or
+    syntax target implies (guidance.implied_length): a tag per word fixes it exactly; spans i..j need at least
+    max(j) + 1 words, so the words up to the last span's end are constrained and the positions after are free."""
     L, V = ctx.model.config.seq_len, ctx.model.config.vocab_size
     start, end, pad = special_ids(ctx.tokenizer)
-    words = [None] * target.value if target.task == "length" else target.value
+    open_end = target.task == "syntax"
+    if target.task == "length":
+        words = [None] * target.value
+    elif target.task == "pos":
+        words = [None] * len(target.value)
+    elif target.task == "syntax":
+        words = [None] * (max(j for _, j, _ in target.value) + 1)
+    else:
+        words = target.value
     ids = ctx.tokenizer.convert_tokens_to_ids([w for w in words if w is not None])
     fixed = torch.full((L,), -1, dtype=torch.long)
-    fixed[0], fixed[len(words) + 1], fixed[len(words) + 2:] = start, end, pad
+    fixed[0] = start
+    if not open_end:
+        fixed[len(words) + 1], fixed[len(words) + 2:] = end, pad
     it = iter(ids)
     for k, w in enumerate(words):
         if w is not None:
@@ -213,26 +225,10 @@ def token_constraints(target: Target, ctx: ControlContext):
     free = fixed < 0
     allowed[free] = True
     allowed[free, start] = allowed[free, end] = allowed[free, pad] = False
-    return fixed, allowed, torch.ones(L, dtype=torch.bool)
-
-
-def implied_constraints(target: Target, ctx: ControlContext):
-    """The length a pos or syntax target implies, in token_constraints' form: a tag per word
-    fixes the length exactly (END after the last tag); spans i..j need at least max(j) + 1 words, so positions up
-    to the last span's end may hold no START, END or PAD (the rest is free)."""
-    if target.task == "pos":
-        return token_constraints(Target("length", str(len(target.value)), len(target.value)), ctx)
-    L, V = ctx.model.config.seq_len, ctx.model.config.vocab_size
-    start, end, pad = special_ids(ctx.tokenizer)
-    n = max(j for _, j, _ in target.value) + 1
-    fixed = torch.full((L,), -1, dtype=torch.long)
-    fixed[0] = start
-    allowed = torch.ones(L, V, dtype=torch.bool)
-    allowed[0] = False
-    allowed[0, start] = True
-    allowed[1: n + 1, [start, end, pad]] = False
-    constrained = torch.zeros(L, dtype=torch.bool)
-    constrained[: n + 1] = True
+    constrained = torch.ones(L, dtype=torch.bool)
+    if open_end:
+        allowed[len(words) + 1:] = True
+        constrained[len(words) + 1:] = False
     return fixed, allowed, constrained
 
 
@@ -267,8 +263,7 @@ def make_control(targets: Dict[str, List[Target]], ctx: ControlContext):
                 index = torch.tensor([i + [-1] * (k - len(i)) for i in idx], device=device)
                 guides.append((ClassifierGuide(clf, index, (index >= 0).to(weight.dtype)), g.classifier_weight))
             if task not in CLASSIFIED or (task in IMPLYING_LENGTH and g.implied_length):
-                constraints = token_constraints if task not in CLASSIFIED else implied_constraints
-                parts = [constraints(r, ctx) for r in rows]
+                parts = [token_constraints(r, ctx) for r in rows]
                 f, allowed, constrained = (torch.stack(p).to(device) for p in zip(*parts))
                 fixed = f if fixed is None else torch.where(f >= 0, f, fixed)
                 guides.append((TokenGuide(model_fn.x0, weight, allowed, constrained), g.constraint_weight))

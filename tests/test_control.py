@@ -13,8 +13,7 @@ from difflm.classifier import (POSITION_CLASSES, SPAN_CLASSES, NoisyClassifier, 
                                position_labels, span_labels)
 from difflm.cli import main
 from difflm.config import GuidanceConfig
-from difflm.control import (ControlContext, TokenGuide, Target, implied_constraints, make_control, parse_target,
-                            success, token_constraints)
+from difflm.control import ControlContext, Target, TokenGuide, make_control, parse_target, success, token_constraints
 from difflm.data import mr_values, parse_mr
 from difflm.diffusion import GaussianDiffusion
 from difflm.errors import DifflmError
@@ -188,9 +187,9 @@ def test_token_constraints_fix_start_end_pad_and_words(ctx):
 def test_pos_and_syntax_targets_imply_their_length(ctx):
     start, end, pad = ctx.tokenizer.convert_tokens_to_ids(["[START]", "[END]", "[PAD]"])
     pos = parse_target("pos", "PROPN AUX NOUN", ctx)
-    for a, b in zip(implied_constraints(pos, ctx), token_constraints(parse_target("length", "3", ctx), ctx)):
+    for a, b in zip(token_constraints(pos, ctx), token_constraints(parse_target("length", "3", ctx), ctx)):
         assert torch.equal(a, b)  # a tag per word: exactly that many words
-    fixed, allowed, constrained = implied_constraints(parse_target("syntax", "1-2:NOUN 0-4:AUX", ctx), ctx)
+    fixed, allowed, constrained = token_constraints(parse_target("syntax", "1-2:NOUN 0-4:AUX", ctx), ctx)
     assert fixed[0] == start and (fixed[1:] == -1).all()
     assert constrained[:6].all() and not constrained[6:].any()  # START and words 0..4 at positions 1..5
     assert not allowed[1:6][:, [start, end, pad]].any() and allowed[1:6].sum() == 5 * (allowed.shape[1] - 3)
