@@ -139,6 +139,9 @@ class ModelConfig(Section):
     # continuous-time ELBO itself, with a learned schedule (VDM, Plaid; text.text_elbo): the likelihood recipe
     objective: str = "weighted"
     posterior_logits: bool = False  # logits += the exact per-position posterior log q(w | x_t) (Plaid's output bias)
+    # p(length) p(words | length): the length drawn first from its training distribution, PAD positions given (not
+    # diffused, masked from attention), batches bucketed by length and trimmed to their longest row
+    explicit_length: bool = False
 
     section = "model"
     ranges = {"embed_dim": Range(1), "hidden_size": Range(1), "num_layers": Range(1), "num_heads": Range(1),

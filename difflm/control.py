@@ -246,7 +246,7 @@ def make_control(targets: Dict[str, List[Target]], ctx: ControlContext):
     device, L = weight.device, model.config.seq_len
 
     def control(a: int, b: int, model_fn: SamplingModelFn) -> BatchControl:
-        guides, fixed = [], None
+        guides, fixed, lengths = [], None, None
         free = ctx.free and "content" in targets
         if free:  # classifier-free guidance changes the model_fn, whose x0 estimate the token guides then read
             attrs = [attribute_vector(r, model.config.attributes) for r in targets["content"][a:b]]
@@ -267,12 +267,31 @@ def make_control(targets: Dict[str, List[Target]], ctx: ControlContext):
                 f, allowed, constrained = (torch.stack(p).to(device) for p in zip(*parts))
                 fixed = f if fixed is None else torch.where(f >= 0, f, fixed)
                 guides.append((TokenGuide(model_fn.x0, weight, allowed, constrained), g.constraint_weight))
+                lengths = _length_range(f, constrained, ctx, lengths)
         guide = Guidance(model.diffusion, guides, g) if guides else None
         if fixed is None or not g.impute:
-            return BatchControl(model_fn=model_fn, guide=guide)
-        return BatchControl(model_fn=model_fn, guide=guide, denoise_fn=_imputer(fixed, weight), fixed=fixed)
+            return BatchControl(model_fn=model_fn, guide=guide, lengths=lengths)
+        return BatchControl(model_fn=model_fn, guide=guide, denoise_fn=_imputer(fixed, weight), fixed=fixed,
+                            lengths=lengths)
 
     return control
+
+
+def _length_range(fixed: torch.Tensor, constrained: torch.Tensor, ctx: ControlContext,
+                  within: Optional[tuple] = None) -> tuple:
+    """(low, high) (B,) bounds on the non-PAD positions n of token constraints (token_constraints), for a model of
+    config.explicit_length, which draws n before the words: n = p + 1 where END is fixed at p; at least the first
+    unconstrained position + 1 where the end is open (it may hold END). Intersected with `within`."""
+    _, end, _ = special_ids(ctx.tokenizer)
+    L = fixed.shape[1]
+    at_end = (fixed == end).float().argmax(1)
+    has_end = (fixed == end).any(1)
+    open_from = torch.where(constrained.all(1), L, (~constrained).float().argmax(1))
+    low = torch.where(has_end, at_end + 1, (open_from + 1).clamp(max=L))
+    high = torch.where(has_end, at_end + 1, torch.full_like(low, L))
+    if within is not None:
+        low, high = torch.maximum(low, within[0]), torch.minimum(high, within[1])
+    return low, high
 
 
 def _imputer(fixed: torch.Tensor, weight: torch.Tensor) -> Callable:

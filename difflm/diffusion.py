@@ -266,12 +266,13 @@ class GaussianDiffusion(nn.Module):
         loss = ((out - self.target(x0, noise, t)) ** 2).reshape(x0.shape[0], -1).mean(dim=1)
         return DenoiseOutput(loss=loss, x0_hat=self.predict_x0(out, x_t, t), x_t=x_t, t=t)
 
-    def prior_kl(self, x0: torch.Tensor) -> torch.Tensor:
-        """KL(q(x_T | x0) || N(0, I)) summed over data dims (Luo 2022, eq. 58, prior matching)."""
+    def prior_kl(self, x0: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """KL(q(x_T | x0) || N(0, I)) summed over data dims (Luo 2022, eq. 58, prior matching); over the dims
+        where `keep` (broadcast to x0) is true, if given (the others are not latents of the model)."""
         t = torch.ones(x0.shape[0], device=x0.device, dtype=x0.dtype)
         a = _bcast(self.alpha_bar(t), x0)
-        return _sum_except_batch(gaussian_kl(a.sqrt() * x0, (1 - a).expand_as(x0),
-                                             torch.zeros_like(x0), torch.ones_like(x0)))
+        kl = gaussian_kl(a.sqrt() * x0, (1 - a).expand_as(x0), torch.zeros_like(x0), torch.ones_like(x0))
+        return _sum_except_batch(kl if keep is None else kl * keep)
 
     def diffusion_term(self, x0: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor,
                        level: Optional[NoiseLevel] = None) -> torch.Tensor:

@@ -81,7 +81,7 @@ def denoising_curve(model, ids: torch.Tensor, points: int = 40, seed: int = 0) -
         times, span = torch.logspace(math.log10(low), 0, points, dtype=torch.float64).tolist(), 1 - d.t_min
     elbo = is_elbo_model(model)
     x0 = model.embed(ids) if elbo else embed_with_noise(model, ids, g).x0
-    net = bound_model_fn(model)
+    net = bound_model_fn(model, ids)
     b = ids.shape[0]
     mse, density, kl = [], [], []
     for time in times:
@@ -137,6 +137,10 @@ def evaluate_model(model, tokenizer, cfg: Config, samples: Optional[List[str]], 
     metrics = check_metrics(metrics)
     if "lm_score" in metrics and teacher is None:
         raise DifflmError("lm_score needs --teacher DIR (train one with `difflm train-teacher --model MODEL`)")
+    if "bound" in metrics and getattr(model.config, "explicit_length", False) and not is_elbo_model(model):
+        raise DifflmError("--metrics bound: this model has model.explicit_length with the weighted objective, whose "
+                          "embedding noise at the given PAD positions has no bound; drop bound from --metrics, or "
+                          "train with model.objective=elbo")
     device = model.embedding.weight.device
     if samples is None:
         check_request(model.diffusion, num_samples, steps, 64, sampler=sampler, warp=model.time_warp)

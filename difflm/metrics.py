@@ -33,13 +33,14 @@ class TextBound:
     diffusion: torch.Tensor
     prior: torch.Tensor
     entropy: torch.Tensor
+    length: torch.Tensor  # -log p(n) of a config.explicit_length model (0 where the length is diffused)
 
     @property
     def nll(self) -> torch.Tensor:
-        return self.rounding + self.reconstruction + self.diffusion + self.prior - self.entropy
+        return self.rounding + self.reconstruction + self.diffusion + self.prior - self.entropy + self.length
 
 
-TERMS = ("rounding", "reconstruction", "diffusion", "prior", "entropy")
+TERMS = ("rounding", "reconstruction", "diffusion", "prior", "entropy", "length")
 
 
 def continuous_twin(diffusion: GaussianDiffusion) -> GaussianDiffusion:
@@ -74,16 +75,17 @@ def text_bound(model, ids: torch.Tensor, continuous: bool = False, generator: Op
         terms = text_elbo(model, ids, generator, t=t)
         zero = torch.zeros_like(terms.prior)
         return TextBound(rounding=zero, reconstruction=terms.reconstruction, diffusion=terms.diffusion,
-                         prior=terms.prior, entropy=zero)
+                         prior=terms.prior, entropy=zero, length=model.length_nll(ids).to(zero.dtype))
     if continuous:
         diffusion = continuous_twin(diffusion)
     latent = embed_with_noise(model, ids, generator)
     x0 = latent.x0
     t = diffusion.sample_t(ids.shape[0], ids.device, generator=generator, low_step=2, dtype=x0.dtype, stratum=stratum)
-    terms = diffusion.elbo(bound_model_fn(model), x0, t=t, generator=generator)
+    terms = diffusion.elbo(bound_model_fn(model, ids), x0, t=t, generator=generator)
     entropy = 0.5 * x0[0].numel() * (1 + torch.log(2 * math.pi * latent.var0))
     return TextBound(rounding=rounding_nll(x0, model.rounding_weight(x0.dtype), ids),
-                     reconstruction=terms.reconstruction, diffusion=terms.diffusion, prior=terms.prior, entropy=entropy)
+                     reconstruction=terms.reconstruction, diffusion=terms.diffusion, prior=terms.prior, entropy=entropy,
+                     length=torch.zeros_like(entropy))
 
 
 @dataclass

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedModel
 
 from .diffusion import GaussianDiffusion, TimeWarp
+from .errors import DifflmError
 from .precision import latent_dtype
 from .rounding import rounding_logits
 from .schedules import get_schedule
@@ -34,7 +35,7 @@ class TextDiffusionConfig(PretrainedConfig):
                  log_snr_max: float = 10.0, log_snr_min: float = -10.0, noise_scale: float = 1.0,
                  time_warp_bins: int = 0, mse_weight: float = 1.0, ce_weight: float = 0.0,
                  sample_temperature: float = 1.0, objective: str = "weighted", posterior_logits: bool = False,
-                 **kwargs):
+                 explicit_length: bool = False, **kwargs):
         self.vocab_size, self.seq_len, self.embed_dim = vocab_size, seq_len, embed_dim
         self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
         self.intermediate_size, self.dropout = intermediate_size, dropout
@@ -51,6 +52,7 @@ class TextDiffusionConfig(PretrainedConfig):
         self.sample_temperature = sample_temperature  # the default sampling temperature (text.SamplingModelFn)
         self.objective = objective  # weighted or elbo (text.text_loss / text.text_elbo)
         self.posterior_logits = posterior_logits  # logits += the exact posterior's (TextDiffusionModel.forward)
+        self.explicit_length = explicit_length  # p(length) p(words | length): PAD given, not diffused (forward)
         super().__init__(**kwargs)
 
     def build_schedule(self):
@@ -105,6 +107,8 @@ class TextDiffusionModel(PreTrainedModel):
         self.output_proj = nn.Sequential(nn.Linear(h, h), nn.Tanh(), nn.Linear(h, out))
         self.diffusion = GaussianDiffusion(config.build_schedule(), config.num_steps, config.prediction)
         self.time_warp = TimeWarp(config.time_warp_bins) if config.time_warp_bins else None
+        if getattr(config, "explicit_length", False):  # log p(n) of the n = 0..L non-PAD positions (set_lengths)
+            self.register_buffer("length_log_prob", torch.full((config.seq_len + 1,), -math.log(config.seq_len + 1)))
         self.post_init()
 
     def _init_weights(self, module):
@@ -123,6 +127,48 @@ class TextDiffusionModel(PreTrainedModel):
     def lr_groups(self) -> dict:
         """The parameters that train.embedding_lr and train.schedule_lr address (engines.param_groups)."""
         return {"embedding": [self.embedding.weight], "schedule": list(self.diffusion.schedule.parameters())}
+
+    def set_lengths(self, ids: torch.Tensor, smoothing: float = 0.5) -> None:
+        """p(n), the distribution of a sequence's non-PAD positions n (START, words, END) of config.explicit_length,
+        from training ids (N, L): counts plus `smoothing` on every n from 2 (START, END) to L, so that the bound of
+        a length never seen in training stays finite."""
+        n = (ids != self.config.pad_id).sum(1)
+        counts = torch.bincount(n.cpu(), minlength=self.config.seq_len + 1).double()
+        counts[2:] += smoothing
+        self.length_log_prob.copy_(torch.log(counts / counts.sum()).to(self.length_log_prob))
+
+    def lengths(self, ids: torch.Tensor) -> Optional[torch.Tensor]:
+        """The non-PAD positions of each row of ids (B, L) for a config.explicit_length model, else None."""
+        keep = self.diffused_positions(ids)
+        return None if keep is None else keep.sum(1)
+
+    def diffused_positions(self, ids: torch.Tensor) -> Optional[torch.Tensor]:
+        """(B, L) true where a position is a latent of the diffusion: all of them, or (config.explicit_length) the
+        non-PAD ones; None when all are."""
+        return ids != self.config.pad_id if getattr(self.config, "explicit_length", False) else None
+
+    def length_nll(self, ids: torch.Tensor) -> torch.Tensor:
+        """-log p(n) (B,) of each row's length (config.explicit_length; zeros otherwise: the length is diffused)."""
+        n = self.lengths(ids)
+        if n is None:
+            return torch.zeros(ids.shape[0], device=ids.device)
+        return -self.length_log_prob.float()[n]
+
+    def draw_lengths(self, batch: int, generator: Optional[torch.Generator] = None,
+                     low: Optional[torch.Tensor] = None, high: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """n ~ p(n) (B,), each restricted to [low, high] where given (a controlled length) and renormalised."""
+        n = torch.arange(self.config.seq_len + 1, device=self.length_log_prob.device)
+        log_p = self.length_log_prob.float().expand(batch, -1)
+        if low is not None:
+            log_p = log_p.masked_fill(n[None] < low.to(n.device)[:, None], -math.inf)
+        if high is not None:
+            log_p = log_p.masked_fill(n[None] > high.to(n.device)[:, None], -math.inf)
+        if not torch.isfinite(log_p).any(1).all():
+            raise DifflmError("the length constraints of a sample leave no length possible (they contradict each "
+                              f"other or exceed the model's {self.config.seq_len} positions)")
+        u = torch.rand(batch, generator=generator, device=generator.device if generator else n.device)
+        cdf = torch.cumsum(torch.softmax(log_p, -1), -1)
+        return torch.searchsorted(cdf, u.to(cdf.device)[:, None], right=True).squeeze(1).clamp(max=self.config.seq_len)
 
     def embedding_matrix(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """E (V, d), the word embeddings diffusion runs on, in `dtype` (default: the latent dtype). With
@@ -146,7 +192,8 @@ class TextDiffusionModel(PreTrainedModel):
         return rounding_logits(x, self.rounding_weight(x.dtype))  # (B, L, V)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, x0_self: Optional[torch.Tensor] = None,
-                attributes: Optional[torch.Tensor] = None, return_logits: bool = False):
+                attributes: Optional[torch.Tensor] = None, return_logits: bool = False,
+                lengths: Optional[torch.Tensor] = None):
         """The denoiser's output (an x0 / eps / score / v prediction per config.prediction): (B, L, d).
 
         With config.output=logits the network outputs logits (B, L, V) over the vocabulary at every position, and
@@ -162,6 +209,10 @@ class TextDiffusionModel(PreTrainedModel):
         previous estimate of x0 (zeros when absent). A model with `config.attributes` reads `attributes`, a
         (B, A) multi-hot vector of the wanted `field=value` pairs (None: unconditional). The network runs in its
         weights' dtype; the output has the dtype of x_t.
+
+        `lengths` (B,) (config.explicit_length, prediction x0): row b has PAD from position lengths[b] on. Those
+        positions are given, not diffused: attention does not read them and their x0 estimate is Emb(PAD) exactly
+        (logits one-hot on PAD), so they add nothing to any loss or bound; the other positions never take PAD.
         """
         temb = self.time_embed.embed(t)  # (B, H)
         if self.attribute_embed is not None and attributes is not None:
@@ -170,15 +221,27 @@ class TextDiffusionModel(PreTrainedModel):
         if self.config.self_condition:
             x = torch.cat([x_t, torch.zeros_like(x_t) if x0_self is None else x0_self.to(x_t.dtype)], -1)  # (B, L, 2d)
         h = self.input_proj(x.to(temb.dtype)) + temb[:, None, :]  # (B, L, H); BERT adds positions + LayerNorm
-        h = self.denoiser(inputs_embeds=h).last_hidden_state  # (B, L, H)
+        pad = None if lengths is None else torch.arange(x_t.shape[1], device=x_t.device)[None] >= lengths[:, None]
+        mask = None if pad is None else (~pad).long()
+        h = self.denoiser(inputs_embeds=h, attention_mask=mask).last_hidden_state  # (B, L, H)
         out = self.output_proj(h)  # (B, L, d), or (B, L, V) logits
         if self.config.output != "logits":
-            return (out.to(x_t.dtype), None) if return_logits else out.to(x_t.dtype)
+            out = out.to(x_t.dtype)
+            if pad is not None:
+                out = torch.where(pad[..., None], self.embedding_matrix(out.dtype)[self.config.pad_id], out)
+            return (out, None) if return_logits else out
         logits = out.float()
         if getattr(self.config, "posterior_logits", False):
             logits = logits + self.posterior_logits(x_t, t)
+        if pad is not None:  # PAD where given (softmax exactly one-hot), never elsewhere
+            given = torch.full_like(logits[0, 0], -1e4)
+            given[self.config.pad_id] = 0.0
+            logits = torch.where(pad[..., None], given, logits.index_fill(-1, self._pad_index(logits), -1e4))
         x0 = self.expected_embedding(logits, x_t.dtype)
         return (x0, logits) if return_logits else x0
+
+    def _pad_index(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self.config.pad_id], device=like.device)
 
     def posterior_logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """log q(w_i | x_t) up to a constant for a uniform prior over words, position by position (B, L, V):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -11,10 +13,12 @@ def rounding_logits(x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
     return F.linear(x, embedding)
 
 
-def rounding_nll(x: torch.Tensor, embedding: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """-log p(w | x) summed over positions, per example: (B,)."""
+def rounding_nll(x: torch.Tensor, embedding: torch.Tensor, ids: torch.Tensor,
+                 keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """-log p(w | x) summed over positions (those where `keep` (B, L) is true, if given), per example: (B,)."""
     logits = rounding_logits(x, embedding)
-    return F.cross_entropy(logits.transpose(1, 2), ids, reduction="none").sum(dim=1)
+    nll = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+    return (nll if keep is None else nll * keep).sum(dim=1)
 
 
 def round_to_tokens(x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:

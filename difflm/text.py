@@ -67,6 +67,9 @@ def embed_with_noise(model: TextDiffusionModel, ids: torch.Tensor,
     d = model.diffusion
     var0 = 1 - d.alpha_bar(d.first_t(ids.shape[0], ids.device, emb.dtype))  # (B,)
     noise = torch.randn(emb.shape, generator=generator, device=emb.device, dtype=emb.dtype)
+    keep = model.diffused_positions(ids)
+    if keep is not None:  # given PAD positions stay Emb(PAD): they are not latents
+        noise = noise * keep[..., None]
     return EmbeddingLatent(emb=emb, x0=emb + var0.sqrt()[:, None, None] * noise, var0=var0)
 
 
@@ -108,7 +111,8 @@ def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
     if attributes is not None:
         attributes = _drop_attributes(model.config, attributes, generator)
     logits = []  # the network's logits of this call (config.output=logits)
-    out = diffusion.denoise(_training_model_fn(model, generator, attributes, logits), x0, t, noise)
+    lengths = model.lengths(ids)
+    out = diffusion.denoise(_training_model_fn(model, generator, attributes, logits, lengths=lengths), x0, t, noise)
     first_step = ((emb - out.x0_hat) ** 2).mean(dim=(1, 2))
     squared = torch.where(t == t1, first_step, out.loss)  # (B,)
     with torch.set_grad_enabled(torch.is_grad_enabled() and bool(cfg.ce_weight)):  # else only logged: no graph
@@ -117,7 +121,7 @@ def text_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
     if model.time_warp is not None and model.training:
         model.time_warp.update(t, ce if cfg.ce_weight else squared)
     denoising, cross_entropy = squared.mean(), ce.mean()
-    rounding = rounding_nll(x0, model.rounding_weight(x0.dtype), ids).mean() / ids.shape[1]
+    rounding = rounding_nll(x0, model.rounding_weight(x0.dtype), ids, model.diffused_positions(ids)).mean() / ids.shape[1]
     prior = diffusion.prior_kl(x0).mean() / x0[0].numel()
     loss = rounding + prior
     if cfg.mse_weight:
@@ -153,7 +157,8 @@ def text_elbo(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
     d, b = model.diffusion, ids.shape[0]
     x = model.embed(ids)
     logits: list = []
-    model_fn = _training_model_fn(model, generator, attributes, logits, self_condition=None if model.training else True)
+    model_fn = _training_model_fn(model, generator, attributes, logits, self_condition=None if model.training else True,
+                                  lengths=model.lengths(ids))
 
     def reconstruction(fn, x0, noise):
         k = b if reconstruction_rows is None else reconstruction_rows
@@ -162,7 +167,11 @@ def text_elbo(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
         nll = F.cross_entropy(logits[-1].transpose(1, 2), ids[:k], reduction="none").sum(dim=1)  # (k,)
         return nll if k == b else torch.cat([nll * (b / k), nll.new_zeros(b - k)])
 
-    return d.elbo(model_fn, x, reconstruction=reconstruction, t=t, generator=generator, variance=variance)
+    terms = d.elbo(model_fn, x, reconstruction=reconstruction, t=t, generator=generator, variance=variance)
+    keep = model.diffused_positions(ids)
+    if keep is not None:  # PAD positions are given: their reconstruction and diffusion terms are 0, their prior too
+        terms.prior = d.prior_kl(x, keep[..., None])
+    return terms
 
 
 def is_elbo_model(model) -> bool:
@@ -170,12 +179,14 @@ def is_elbo_model(model) -> bool:
     return getattr(model.config, "objective", "weighted") == "elbo"
 
 
-def bound_model_fn(model: TextDiffusionModel) -> Callable:
-    """The network as the bound scores it (metrics.text_bound): for config.objective=elbo self-conditioned on its
-    own first estimate at the same x_t (as `text_elbo` evaluates), otherwise without a previous estimate."""
+def bound_model_fn(model: TextDiffusionModel, ids: torch.Tensor) -> Callable:
+    """The network as the bound scores token ids (B, L) (metrics.text_bound): for config.objective=elbo
+    self-conditioned on its own first estimate at the same x_t (as `text_elbo` evaluates), otherwise without a
+    previous estimate; given their lengths (config.explicit_length)."""
+    lengths = model.lengths(ids)
     if is_elbo_model(model):
-        return _training_model_fn(model, None, self_condition=True)
-    return lambda x, t: model(x, t)
+        return _training_model_fn(model, None, self_condition=True, lengths=lengths)
+    return lambda x, t: model(x, t, lengths=lengths)
 
 
 def elbo_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[torch.Generator] = None,
@@ -183,7 +194,7 @@ def elbo_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
     """The training loss of config.objective=elbo: `text_elbo` per token position, t low-discrepancy uniform in a
     training batch (uniform otherwise), the schedule's shape trained for low variance (VarianceGradient), the
     reconstruction on an eighth of the rows in training."""
-    d, (b, length) = model.diffusion, ids.shape
+    d, b, length = model.diffusion, ids.shape[0], model.config.seq_len  # per position of the untrimmed sequence
     training = model.training and torch.is_grad_enabled()
     t = d.sample_t(b, ids.device, generator=generator, dtype=latent_dtype(model.embedding.weight),
                    low_discrepancy=model.training)
@@ -195,7 +206,8 @@ def elbo_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
     if variance is not None:
         variance.set_loss(terms.diffusion)
     hi, lo = model.diffusion.schedule.endpoints()
-    return ELBOLoss(loss=terms.total.mean() / length, reconstruction=terms.reconstruction.detach().mean() / length,
+    total = terms.total + model.length_nll(ids).to(terms.total.dtype)  # -log p(n): a constant of the data
+    return ELBOLoss(loss=total.mean() / length, reconstruction=terms.reconstruction.detach().mean() / length,
                     diffusion=terms.diffusion.detach().mean() / length, prior=terms.prior.detach().mean() / length,
                     log_snr_max=hi.detach(), log_snr_min=lo.detach())
 
@@ -225,20 +237,21 @@ def _drop_attributes(cfg: TextDiffusionConfig, attributes: torch.Tensor, generat
 
 def _training_model_fn(model: TextDiffusionModel, generator: Optional[torch.Generator],
                        attributes: Optional[torch.Tensor] = None, logits: Optional[list] = None,
-                       self_condition: Optional[bool] = None):
+                       self_condition: Optional[bool] = None, lengths: Optional[torch.Tensor] = None):
     """The model as a model_fn; with self-conditioning, half the batches first make an x0 estimate without
     gradient and condition on it, so the network learns both to start and to refine (Chen et al. 2023);
     `self_condition` True or False decides instead of the coin. The network's logits (config.output=logits) of
-    the differentiable call are appended to `logits`."""
+    the differentiable call are appended to `logits`. `lengths`: see TextDiffusionModel.forward."""
     use = model.config.self_condition and (self_condition if self_condition is not None else torch.rand(
         (), generator=generator, device=generator.device if generator else None) < 0.5)
 
     def model_fn(x_t, t):
         x0_self = None
+        n = None if lengths is None else lengths[: x_t.shape[0]]  # the batch's first rows (text_elbo's reconstruction)
         if use:
             with torch.no_grad():
-                x0_self = model.diffusion.predict_x0(model(x_t, t, attributes=attributes), x_t, t)
-        out, out_logits = model(x_t, t, x0_self=x0_self, attributes=attributes, return_logits=True)
+                x0_self = model.diffusion.predict_x0(model(x_t, t, attributes=attributes, lengths=n), x_t, t)
+        out, out_logits = model(x_t, t, x0_self=x0_self, attributes=attributes, return_logits=True, lengths=n)
         if out_logits is not None and logits is not None:
             logits.append(out_logits)
         return out
@@ -274,12 +287,14 @@ class SamplingModelFn:
         self.temperature = sampling_temperature(model, temperature)
         self.net = net or model  # the forward to call (a compiled one, see compiled_network)
         self.logits = None  # config.output=logits: the logits of the latest call (guided like the output)
+        self.lengths = None  # config.explicit_length: the batch's lengths (B,), set by sample_ids
 
     def output(self, x_t, t, x0_self=None):
         """(output, logits or None), guided alike: classifier-free guidance gives (1 + w) l(x | a) - w l(x)."""
-        out, logits = self.net(x_t, t, x0_self=x0_self, attributes=self.attributes, return_logits=True)
+        out, logits = self.net(x_t, t, x0_self=x0_self, attributes=self.attributes, return_logits=True,
+                               lengths=self.lengths)
         if self.attributes is not None and self.weight:
-            free, free_logits = self.net(x_t, t, x0_self=x0_self, return_logits=True)
+            free, free_logits = self.net(x_t, t, x0_self=x0_self, return_logits=True, lengths=self.lengths)
             out = (1 + self.weight) * out - self.weight * free
             logits = None if logits is None else (1 + self.weight) * logits - self.weight * free_logits
         if self.temperature != 1:  # x0 = softmax(logits / temperature) E, from the (guided) logits
@@ -298,6 +313,13 @@ class SamplingModelFn:
         return out
 
 
+def trim_given_pad(model: TextDiffusionModel, ids: torch.Tensor) -> torch.Tensor:
+    """ids (B, L) cut after the batch's longest row for a config.explicit_length model, whose PAD positions are
+    given and masked from attention: the loss is the same, at the cost of the positions that remain."""
+    n = model.lengths(ids)
+    return ids if n is None else ids[:, : int(n.max())]
+
+
 class TextObjective(torch.nn.Module):
     """`text_loss` as a module, so that an engine can wrap it: under ZeRO-3 the whole loss then runs inside one
     forward, where the embedding (read again by the tied rounding head) can be gathered as an external parameter."""
@@ -310,9 +332,8 @@ class TextObjective(torch.nn.Module):
         """`rows`: token ids (B, L), followed by the 0/1 attribute vector (B, A) for a conditional model."""
         cfg = self.model.config
         loss = elbo_loss if is_elbo_model(self.model) else text_loss
-        if cfg.attributes:
-            return loss(self.model, rows[:, : cfg.seq_len], generator, rows[:, cfg.seq_len:].float())
-        return loss(self.model, rows, generator=generator)
+        ids, attributes = rows[:, : cfg.seq_len], rows[:, cfg.seq_len:].float() if cfg.attributes else None
+        return loss(self.model, trim_given_pad(self.model, ids), generator, attributes)
 
     def external_parameters(self):
         return [self.model.embedding.weight]
@@ -335,6 +356,7 @@ class BatchControl:
     guide: Optional[Callable] = None
     denoise_fn: Optional[Callable] = None
     fixed: Optional[torch.Tensor] = None
+    lengths: Optional[tuple] = None  # config.explicit_length: (low, high) (B,) bounds on the drawn lengths
 
 
 def meaning_control(model: TextDiffusionModel, meanings: List[str], weight: float = 0.0) -> Callable:
@@ -393,7 +415,7 @@ def generate(model: TextDiffusionModel, tokenizer, num_samples: int, steps: Opti
             ctl = control(len(out), len(out) + b, model_fn)
         ids = sample_ids(model, ctl.model_fn or model_fn, b, steps=steps, sampler=sampler, clamp=clamp,
                          generator=generator, guide=ctl.guide, denoise_fn=ctl.denoise_fn, callback=callback,
-                         network_dtype=DTYPES[precision], from_logits=from_logits)
+                         network_dtype=DTYPES[precision], from_logits=from_logits, lengths=ctl.lengths)
         if ctl.fixed is not None:
             ids = torch.where(ctl.fixed >= 0, ctl.fixed, ids)
         for row in ids.tolist():
@@ -408,27 +430,39 @@ def sample_ids(model: TextDiffusionModel, model_fn: Callable, batch: int, steps:
                generator: Optional[torch.Generator] = None,
                guide: Optional[Callable] = None, denoise_fn: Optional[Callable] = None,
                callback: Optional[Callable] = None, network_dtype: Optional[torch.dtype] = None,
-               from_logits: bool = True) -> torch.Tensor:
+               from_logits: bool = True, lengths: Optional[tuple] = None) -> torch.Tensor:
     """One batch of token ids (B, L): the sampler from x_T ~ N(0, I) in the latent dtype, then the argmax of the
     last step's logits (config.output=logits, unless not `from_logits`) or of the rounding head on the final x0
     (in the latent dtype too). `denoise_fn` transforms each x0 estimate before the clamping trick (when `clamp`);
-    `network_dtype` (bf16) autocasts the sampler's steps, whose own arithmetic stays in fp32."""
+    `network_dtype` (bf16) autocasts the sampler's steps, whose own arithmetic stays in fp32.
+
+    A config.explicit_length model first draws each sample's length n ~ p(n) (within `lengths` = (low, high) where
+    given) and samples the words given it; without guides, at the width of the batch's longest sample."""
     sampler = as_sampler(sampler)
     cfg, weight = model.config, model.embedding.weight
+    width = cfg.seq_len
+    if getattr(cfg, "explicit_length", False):
+        model_fn.lengths = model.draw_lengths(batch, generator, *(lengths or ()))
+        if guide is None and denoise_fn is None:
+            width = int(model_fn.lengths.max())
 
     def clamp_fn(x0, t):  # outside autocast: the nearest-embedding search is part of the sampler's arithmetic
         with torch.autocast(weight.device.type, enabled=False):
             return nearest_embedding(x0, model.rounding_weight(x0.dtype))
 
     with autocast(weight.device.type, network_dtype):
-        x = sample(model.diffusion, model_fn, (batch, cfg.seq_len, cfg.embed_dim), steps=steps,
+        x = sample(model.diffusion, model_fn, (batch, width, cfg.embed_dim), steps=steps,
                    sampler=sampler, denoise_fn=_chain(denoise_fn, clamp_fn if clamp else None), guide=guide,
                    generator=generator, device=weight.device, dtype=latent_dtype(weight), callback=callback,
                    warp=model.time_warp)
     logits = getattr(model_fn, "logits", None)
     if from_logits and logits is not None:  # the last step's logits: the most likely word at each position
-        return logits.argmax(dim=-1)
-    return round_to_tokens(x, model.rounding_weight(x.dtype))
+        ids = logits.argmax(dim=-1)
+    else:
+        ids = round_to_tokens(x, model.rounding_weight(x.dtype))
+    if model_fn.lengths is not None:
+        ids = ids.masked_fill(torch.arange(width, device=ids.device)[None] >= model_fn.lengths[:, None], cfg.pad_id)
+    return torch.nn.functional.pad(ids, (0, cfg.seq_len - width), value=cfg.pad_id)
 
 
 def compiled_network(model: torch.nn.Module) -> Callable:

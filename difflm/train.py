@@ -98,7 +98,8 @@ def model_config(cfg: Config, vocab_size: int, special: tuple = (0, 1, 2),
                                embedding_norm=m.embedding_norm, mse_weight=m.mse_weight, ce_weight=m.ce_weight,
                                log_snr_max=d.log_snr_max, log_snr_min=d.log_snr_min, noise_scale=d.noise_scale,
                                time_warp_bins=d.time_warp_bins, sample_temperature=m.sample_temperature,
-                               objective=m.objective, posterior_logits=m.posterior_logits)
+                               objective=m.objective, posterior_logits=m.posterior_logits,
+                               explicit_length=m.explicit_length)
 
 
 def build_model(cfg: Config, tokenizer, attributes: Optional[List[str]] = None) -> TextDiffusionModel:
@@ -108,6 +109,8 @@ def build_model(cfg: Config, tokenizer, attributes: Optional[List[str]] = None) 
 def text_setup(cfg: Config) -> Setup:
     tokenizer, train_ids, dev_ids, counts, attributes = training_rows(cfg)
     model = build_model(cfg, tokenizer, attributes)
+    if cfg.model.explicit_length:
+        model.set_lengths(train_ids[:, : cfg.data.seq_len])
     log.info("model: %.2fM parameters (denoiser %d x %d, embedding dim %d), %s schedule, T=%s, predicts %s",
              sum(p.numel() for p in model.parameters()) / 1e6, cfg.model.num_layers, cfg.model.hidden_size,
              cfg.model.embed_dim, cfg.diffusion.schedule, cfg.diffusion.num_steps, cfg.diffusion.prediction)
@@ -142,20 +145,38 @@ def dev_loss(objective: TextObjective, ids: torch.Tensor, batch_size: int, batch
 
 class BatchStream:
     """Endless shuffled batches of rows of `ids`, a new permutation each epoch (a last partial batch is dropped);
-    its state (the epoch's generator state and the position in it) resumes the exact same sequence."""
+    its state (the epoch's generator state and the position in it) resumes the exact same sequence.
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, seed: int):
+    With `lengths` (N,) the batches are bucketed: each window of `window` batches of the permutation is sorted by
+    length and cut into batches, and the batches are shuffled, so that rows of a batch have similar lengths (a
+    model that trims its batches to the longest row then spends little on padding)."""
+
+    def __init__(self, ids: torch.Tensor, batch_size: int, seed: int, lengths: Optional[torch.Tensor] = None,
+                 window: int = 32):
         if len(ids) < batch_size:
             log.warning("only %d training sequences: batches of %d instead of %d", len(ids), len(ids), batch_size)
             batch_size = len(ids)
-        self.ids, self.batch_size = ids, batch_size
+        self.ids, self.batch_size, self.lengths, self.window = ids, batch_size, lengths, window
         self.generator = torch.Generator().manual_seed(seed)
         self._new_epoch()
 
     def _new_epoch(self) -> None:
         self.epoch_state = self.generator.get_state()
-        self.order = torch.randperm(len(self.ids), generator=self.generator).to(self.ids.device)
+        order = torch.randperm(len(self.ids), generator=self.generator)
+        if self.lengths is not None:
+            order = self._bucketed(order)
+        self.order = order.to(self.ids.device)
         self.position = 0
+
+    def _bucketed(self, order: torch.Tensor) -> torch.Tensor:
+        b = self.batch_size
+        order = order[: len(order) // b * b]
+        lengths = self.lengths.cpu()[order]
+        for a in range(0, len(order), b * self.window):
+            part = slice(a, a + b * self.window)
+            order[part] = order[part][torch.sort(lengths[part], stable=True).indices]
+        batches = order.view(-1, b)
+        return batches[torch.randperm(len(batches), generator=self.generator)].flatten()
 
     def __iter__(self):
         return self
@@ -174,6 +195,15 @@ class BatchStream:
         self.generator.set_state(state["epoch_state"])
         self._new_epoch()
         self.position = state["position"]
+
+
+def _bucket_lengths(model, rows: torch.Tensor) -> Optional[torch.Tensor]:
+    """Each training row's length for BatchStream's buckets: for a text model of config.explicit_length (which
+    trims its batches), None otherwise."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "explicit_length", False):
+        return None
+    return model.lengths(rows[:, : config.seq_len])
 
 
 def _check(cfg: Config) -> None:
@@ -213,6 +243,9 @@ def _check_recipe(cfg: Config) -> None:
         if d.noise_scale != 1.0:
             raise DifflmError(f"model.objective=elbo learns the log-SNR endpoints; diffusion.noise_scale="
                               f"{d.noise_scale:g} would shift them: drop it and set diffusion.log_snr_max/min")
+    if m.explicit_length and d.prediction != "x0":
+        raise DifflmError(f"model.explicit_length gives the PAD positions' x0 exactly; it contradicts "
+                          f"diffusion.prediction={d.prediction}: set diffusion.prediction=x0")
     if cfg.train.schedule_lr and d.schedule != "learned":
         raise DifflmError(f"train.schedule_lr sets the learning rate of a learned noise schedule; diffusion.schedule="
                           f"{d.schedule} has no parameters: drop it or set diffusion.schedule=learned")
@@ -260,7 +293,7 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False, overwri
         start_out_dir(out, overwrite=overwrite and not resume)
         save_config(cfg, out / "config.yaml")
     g = torch.Generator(device=device).manual_seed(t.seed + rank())
-    data = BatchStream(train_ids, t.batch_size, t.seed + rank())
+    data = BatchStream(train_ids, t.batch_size, t.seed + rank(), lengths=_bucket_lengths(model, train_ids))
 
     next_loss = loss_stream(objective, engine, data, g)
 
