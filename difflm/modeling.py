@@ -132,7 +132,7 @@ class TextDiffusionModel(PreTrainedModel):
         """p(n), the distribution of a sequence's non-PAD positions n (START, words, END) of config.explicit_length,
         from training ids (N, L): counts plus `smoothing` on every n from 2 (START, END) to L, so that the bound of
         a length never seen in training stays finite."""
-        n = (ids != self.config.pad_id).sum(1)
+        n = self.lengths(ids)
         counts = torch.bincount(n.cpu(), minlength=self.config.seq_len + 1).double()
         counts[2:] += smoothing
         self.length_log_prob.copy_(torch.log(counts / counts.sum()).to(self.length_log_prob))
