@@ -320,13 +320,14 @@ class GaussianDiffusion(nn.Module):
         return -_sum_except_batch(gaussian_log_prob(x0, x0_hat, var))
 
     def elbo(self, model_fn: ModelFn, x0: torch.Tensor, reconstruction=None, t=None, generator=None,
-             variance: Optional[VarianceGradient] = None) -> ELBOTerms:
+             variance: Optional[VarianceGradient] = None, keep: Optional[torch.Tensor] = None) -> ELBOTerms:
         """The three terms of -ELBO per example (Luo 2022, eq. 45), the diffusion term by one sample of t.
 
         `reconstruction(model_fn, x0, noise) -> (B,)` is the modality's -log p(x0 | x_1); by default the
         Gaussian decoder `gaussian_reconstruction`. `t` fixes the diffusion term's time (discrete: i >= 2).
         `variance` (continuous time): the schedule's shape gets the variance-minimizing gradient; call its
-        `set_loss` with the returned diffusion term before backward.
+        `set_loss` with the returned diffusion term before backward. `keep` (broadcast to x0): the prior over
+        those dims only (`prior_kl`); the caller's reconstruction and model already treat the others as given.
         """
         reconstruction = reconstruction or self.gaussian_reconstruction
         b = x0.shape[0]
@@ -341,7 +342,7 @@ class GaussianDiffusion(nn.Module):
             level = None if self.discrete else self.noise_level(t, variance)
             x_t = self.q_sample(x0, t, noise, None if level is None else level.alpha_bar)
             diff = self.diffusion_term(x0, self.predict_x0(model_fn(x_t, t), x_t, t), t, level)
-        return ELBOTerms(reconstruction=recon, prior=self.prior_kl(x0), diffusion=diff)
+        return ELBOTerms(reconstruction=recon, prior=self.prior_kl(x0, keep), diffusion=diff)
 
 
 class TimeWarp(nn.Module):

@@ -167,11 +167,9 @@ def text_elbo(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[
         nll = F.cross_entropy(logits[-1].transpose(1, 2), ids[:k], reduction="none").sum(dim=1)  # (k,)
         return nll if k == b else torch.cat([nll * (b / k), nll.new_zeros(b - k)])
 
-    terms = d.elbo(model_fn, x, reconstruction=reconstruction, t=t, generator=generator, variance=variance)
-    keep = model.diffused_positions(ids)
-    if keep is not None:  # PAD positions are given: their reconstruction and diffusion terms are 0, their prior too
-        terms.prior = d.prior_kl(x, keep[..., None])
-    return terms
+    keep = model.diffused_positions(ids)  # PAD positions given: no reconstruction or diffusion term, no prior
+    return d.elbo(model_fn, x, reconstruction=reconstruction, t=t, generator=generator, variance=variance,
+                  keep=None if keep is None else keep[..., None])
 
 
 def is_elbo_model(model) -> bool:
