@@ -189,17 +189,25 @@ class DiffusionConfig(Section):
     prediction: str = "x0"
     log_snr_max: float = 10.0  # log-SNR at t = 0 and t = 1, for the logsnr-linear and learned schedules
     log_snr_min: float = -10.0
+    log_snr_max_floor: Optional[float] = None  # learned schedule: log_snr(0) kept above this (Learned)
     noise_scale: float = 1.0  # noise F times stronger against the signal: log-SNR shifted by -2 log F (Difformer)
     time_warp_bins: int = 0  # > 0: t drawn through CDCD's time warping, a CDF of the loss over t with this many bins
 
     section = "diffusion"
-    ranges = {"num_steps": Range(1), "log_snr_max": Range(), "log_snr_min": Range(), "noise_scale": POSITIVE,
-              "time_warp_bins": NON_NEGATIVE}
+    ranges = {"num_steps": Range(1), "log_snr_max": Range(), "log_snr_min": Range(), "log_snr_max_floor": Range(),
+              "noise_scale": POSITIVE, "time_warp_bins": NON_NEGATIVE}
 
     def check(self) -> None:
         if self.log_snr_max <= self.log_snr_min:
             raise DifflmError(f"diffusion.log_snr_max ({self.log_snr_max:g}) must be above diffusion.log_snr_min "
                               f"({self.log_snr_min:g}): the signal falls as t grows")
+        if self.log_snr_max_floor is not None:
+            if self.schedule != "learned":
+                raise DifflmError(f"diffusion.log_snr_max_floor bounds a learned log_snr(0); it contradicts "
+                                  f"diffusion.schedule={self.schedule}: drop it or set diffusion.schedule=learned")
+            if not self.log_snr_max > self.log_snr_max_floor:
+                raise DifflmError(f"diffusion.log_snr_max ({self.log_snr_max:g}), where the learned log_snr(0) "
+                                  f"starts, must be above diffusion.log_snr_max_floor ({self.log_snr_max_floor:g})")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ class TextDiffusionConfig(PretrainedConfig):
                  log_snr_max: float = 10.0, log_snr_min: float = -10.0, noise_scale: float = 1.0,
                  time_warp_bins: int = 0, mse_weight: float = 1.0, ce_weight: float = 0.0,
                  sample_temperature: float = 1.0, objective: str = "weighted", posterior_logits: bool = False,
-                 explicit_length: bool = False, **kwargs):
+                 explicit_length: bool = False, log_snr_max_floor: Optional[float] = None, **kwargs):
         self.vocab_size, self.seq_len, self.embed_dim = vocab_size, seq_len, embed_dim
         self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
         self.intermediate_size, self.dropout = intermediate_size, dropout
@@ -47,6 +47,7 @@ class TextDiffusionConfig(PretrainedConfig):
         self.attribute_dropout, self.unconditional_prob = attribute_dropout, unconditional_prob
         self.output, self.embedding_norm = output, embedding_norm  # the denoiser's head; E's normalisation
         self.log_snr_max, self.log_snr_min, self.noise_scale = log_snr_max, log_snr_min, noise_scale
+        self.log_snr_max_floor = log_snr_max_floor  # the learned log_snr(0) kept above it (schedules.Learned)
         self.time_warp_bins = time_warp_bins  # 0: uniform t in training
         self.mse_weight, self.ce_weight = mse_weight, ce_weight  # the training loss (text.text_loss)
         self.sample_temperature = sample_temperature  # the default sampling temperature (text.SamplingModelFn)
@@ -56,7 +57,8 @@ class TextDiffusionConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def build_schedule(self):
-        return get_schedule(self.schedule, self.log_snr_max, self.log_snr_min, self.noise_scale)
+        return get_schedule(self.schedule, self.log_snr_max, self.log_snr_min, self.noise_scale,
+                            getattr(self, "log_snr_max_floor", None))
 
     def denoiser_config(self) -> BertConfig:
         return BertConfig(vocab_size=1, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
@@ -234,14 +236,10 @@ class TextDiffusionModel(PreTrainedModel):
         if getattr(self.config, "posterior_logits", False):
             logits = logits + self.posterior_logits(x_t, t)
         if pad is not None:  # PAD where given (softmax exactly one-hot), never elsewhere
-            given = torch.full_like(logits[0, 0], -1e4)
-            given[self.config.pad_id] = 0.0
-            logits = torch.where(pad[..., None], given, logits.index_fill(-1, self._pad_index(logits), -1e4))
+            is_pad = torch.arange(logits.shape[-1], device=logits.device) == self.config.pad_id  # (V,)
+            logits = torch.where(pad[..., None], torch.where(is_pad, 0.0, -1e4), logits.masked_fill(is_pad, -1e4))
         x0 = self.expected_embedding(logits, x_t.dtype)
         return (x0, logits) if return_logits else x0
-
-    def _pad_index(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([self.config.pad_id], device=like.device)
 
     def posterior_logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """log q(w_i | x_t) up to a constant for a uniform prior over words, position by position (B, L, V):

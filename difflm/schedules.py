@@ -13,6 +13,7 @@ clipped this equals alpha_bar(t_i).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -165,13 +166,27 @@ class _PositiveLinear(nn.Linear):
 class Learned(EndpointSchedule):
     """Learned monotone log-SNR (Kingma et al. 2021, appendix H): gamma(t) = -log_snr(t) is a monotone network
     l1(t) + l3(phi(l2(l1(t)))) with positive weights, rescaled so that log_snr(0) = log_snr_max and
-    log_snr(1) = log_snr_min (both learnable endpoints: gamma_0 = -log_snr_max, gamma_1 = -log_snr_min)."""
+    log_snr(1) = log_snr_min (both learnable endpoints: gamma_0 = -log_snr_max, gamma_1 = -log_snr_min).
+
+    With `log_snr_max_floor` f the upper endpoint is log_snr(0) = f + softplus(r) (r learned in place of gamma_0),
+    so that training cannot drive z_0 below that signal-to-noise ratio: with the length given
+    (config.explicit_length) the ELBO otherwise finds a shortcut in log_snr(0) -> -inf, where the whole bound
+    moves into a one-shot reconstruction that stops learning (docs/benchmarks.md)."""
 
     name = "learned"
 
-    def __init__(self, log_snr_max: float = 10.0, log_snr_min: float = -10.0, hidden: int = 1024):
+    def __init__(self, log_snr_max: float = 10.0, log_snr_min: float = -10.0, hidden: int = 1024,
+                 log_snr_max_floor: Optional[float] = None):
         super().__init__()
-        self.gamma_0 = nn.Parameter(torch.tensor(-float(log_snr_max)))
+        self.floor = log_snr_max_floor
+        if log_snr_max_floor is None:
+            self.gamma_0 = nn.Parameter(torch.tensor(-float(log_snr_max)))
+        elif not log_snr_max > log_snr_max_floor:
+            raise DifflmError(f"the learned schedule's log_snr_max ({log_snr_max:g}) must start above its floor "
+                              f"({log_snr_max_floor:g})")
+        else:  # r = softplus^-1(log_snr_max - f)
+            excess = torch.tensor(float(log_snr_max) - log_snr_max_floor, dtype=torch.float64)
+            self.log_snr_max_excess = nn.Parameter((excess + torch.log(-torch.expm1(-excess))).float())
         self.gamma_1 = nn.Parameter(torch.tensor(-float(log_snr_min)))
         self.l1 = _PositiveLinear(1, 1)
         self.l2 = _PositiveLinear(1, hidden)
@@ -184,15 +199,17 @@ class Learned(EndpointSchedule):
         return (h + self.l3(torch.sigmoid(self.l2(h))))[..., 0]
 
     def endpoints(self):
-        return -self.gamma_0, -self.gamma_1
+        if self.floor is None:
+            return -self.gamma_0, -self.gamma_1
+        return self.floor + nn.functional.softplus(self.log_snr_max_excess), -self.gamma_1
 
     def unit(self, t):
-        t = torch.as_tensor(t, dtype=self.gamma_0.dtype, device=self.gamma_0.device)
+        t = torch.as_tensor(t, dtype=self.gamma_1.dtype, device=self.gamma_1.device)
         g0, g1 = self._gamma_tilde(torch.zeros_like(t)), self._gamma_tilde(torch.ones_like(t))
         return (self._gamma_tilde(t) - g0) / (g1 - g0)
 
     def discretize(self, num_steps: int) -> torch.Tensor:
-        grid = torch.arange(1, num_steps + 1, dtype=self.gamma_0.dtype, device=self.gamma_0.device) / num_steps
+        grid = torch.arange(1, num_steps + 1, dtype=self.gamma_1.dtype, device=self.gamma_1.device) / num_steps
         return self.alpha_bar(grid)
 
     def check_endpoints(self, where: str = "") -> None:
@@ -225,10 +242,16 @@ ENDPOINT_SCHEDULES = tuple(name for name, cls in SCHEDULES.items() if issubclass
 
 
 def get_schedule(name: str, log_snr_max: float = 10.0, log_snr_min: float = -10.0,
-                 noise_scale: float = 1.0) -> Schedule:
+                 noise_scale: float = 1.0, log_snr_max_floor: Optional[float] = None) -> Schedule:
     """The schedule called `name`; `log_snr_max` / `log_snr_min` are the log-SNR at t = 0 and t = 1 of those that
-    take endpoints (ENDPOINT_SCHEDULES), and `noise_scale` != 1 wraps it in NoiseScaled."""
+    take endpoints (ENDPOINT_SCHEDULES), `log_snr_max_floor` a floor on the learned log_snr(0) (Learned only),
+    and `noise_scale` != 1 wraps it in NoiseScaled."""
     if name not in SCHEDULES:
         raise DifflmError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
-    schedule = (SCHEDULES[name](log_snr_max, log_snr_min) if name in ENDPOINT_SCHEDULES else SCHEDULES[name]())
+    if log_snr_max_floor is not None and name != Learned.name:
+        raise DifflmError(f"a floor on log_snr(0) is for the learned schedule; schedule {name!r} has fixed endpoints")
+    if name == Learned.name:
+        schedule = Learned(log_snr_max, log_snr_min, log_snr_max_floor=log_snr_max_floor)
+    else:
+        schedule = SCHEDULES[name](log_snr_max, log_snr_min) if name in ENDPOINT_SCHEDULES else SCHEDULES[name]()
     return schedule if noise_scale == 1.0 else NoiseScaled(schedule, noise_scale)

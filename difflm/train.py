@@ -99,7 +99,7 @@ def model_config(cfg: Config, vocab_size: int, special: tuple = (0, 1, 2),
                                log_snr_max=d.log_snr_max, log_snr_min=d.log_snr_min, noise_scale=d.noise_scale,
                                time_warp_bins=d.time_warp_bins, sample_temperature=m.sample_temperature,
                                objective=m.objective, posterior_logits=m.posterior_logits,
-                               explicit_length=m.explicit_length)
+                               explicit_length=m.explicit_length, log_snr_max_floor=d.log_snr_max_floor)
 
 
 def build_model(cfg: Config, tokenizer, attributes: Optional[List[str]] = None) -> TextDiffusionModel:

@@ -141,7 +141,28 @@ def test_a_learned_schedule_whose_endpoints_crossed_is_refused_at_load(tokenizer
     assert not (tmp_path / "s.jsonl").exists()
 
 
+def test_a_floor_keeps_the_learned_log_snr_0_above_it_and_travels_with_the_model(tokenizer, tmp_path):
+    schedule = Learned(log_snr_max=1.0, log_snr_min=-9.0, hidden=8, log_snr_max_floor=-0.5)
+    hi, lo = schedule.endpoints()
+    assert hi.item() == pytest.approx(1.0) and lo.item() == pytest.approx(-9.0)  # it starts where asked
+    hi.backward()
+    assert schedule.log_snr_max_excess.grad.item() > 0  # the loss's gradient reaches it
+    with torch.no_grad():
+        schedule.log_snr_max_excess.fill_(-60.0)  # as far down as training could push it
+    assert schedule.endpoints()[0].item() >= -0.5 and schedule.log_snr(torch.zeros(1)).item() >= -0.5
+    model = small_model(tokenizer, **ELBO, **{"diffusion.log_snr_max_floor": "-0.5"})
+    with torch.no_grad():
+        model.diffusion.schedule.log_snr_max_excess.fill_(0.3)
+    save_model(model, tokenizer, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.config.log_snr_max_floor == -0.5
+    torch.testing.assert_close(loaded.diffusion.schedule.endpoints()[0], model.diffusion.schedule.endpoints()[0])
+
+
 @pytest.mark.parametrize("overrides,message", [
+    (["diffusion.log_snr_max_floor=0"], "it contradicts diffusion.schedule=sqrt"),
+    ([*(f"{k}={v}" for k, v in ELBO.items()), "diffusion.log_snr_max_floor=1"],
+     "must be above diffusion.log_snr_max_floor (1)"),
     (["model.objective=elbo", "model.output=logits"], "set diffusion.num_steps=null"),
     (["model.objective=elbo", "model.output=logits", "diffusion.num_steps=null"], "diffusion.schedule=sqrt has none"),
     (["model.objective=elbo"], "model.objective=elbo needs model.output=logits"),
