@@ -32,7 +32,7 @@ def test_card_facts_match_the_config(tiny_run):
     for key in ("embed_dim", "hidden_size", "num_layers", "num_heads", "intermediate_size", "self_condition",
                 "output", "embedding_norm", "mse_weight", "ce_weight"):
         assert arch[key] == getattr(cfg.model, key), key
-    for key in ("schedule", "num_steps", "prediction", "time_warp_bins", "noise_scale"):
+    for key in ("schedule", "num_steps", "prediction", "time_warp_bins", "noise_scale", "log_snr_max_floor"):
         assert arch[key] == getattr(cfg.diffusion, key), key
     assert arch["seq_len"] == cfg.data.seq_len and arch["vocab_size"] == data["vocabulary"]
     assert data["source"] == "builtin:restaurants" and data["train_texts"] == cfg.data.builtin_train
