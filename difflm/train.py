@@ -599,7 +599,9 @@ def _config_changes(saved: dict, cfg: Config) -> list:
             if saved.get(sec, {}).get(key) != value and f"{sec}.{key}" not in RESUMABLE_CHANGES]
 
 
-RESUMABLE_CHANGES = {"train.max_minutes", "train.tensorboard"}  # keys a resumed run may change
+# keys a resumed run may change: a safety net, logging, and the CPU threads of the machine it continues on (the
+# trajectory then matches the uninterrupted one to float rounding rather than bit for bit)
+RESUMABLE_CHANGES = {"train.max_minutes", "train.tensorboard", "train.threads"}
 
 
 def restore(state: dict, cfg: Config, model, ema: EMA, engine, data: BatchStream, generator: torch.Generator,

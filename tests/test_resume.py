@@ -13,7 +13,7 @@ from difflm.config import load_config
 from difflm.train import train
 
 from conftest import ROOT, subprocess_env
-from test_cli import assert_user_error
+from test_cli import assert_user_error, run
 from test_likelihood import ELBO
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -64,6 +64,8 @@ def test_resume_errors(tmp_path, capsys):
     train(load_config(TINY, [f"train.out_dir={out}", "train.max_steps=10"]), show_progress=False)
     capsys.readouterr()
     assert_user_error(capsys, base[:-1] + ["train.lr=0.5", "--resume"], "these differ: train.lr")
+    code, _, err = run(capsys, *base[:-1], "train.threads=1", "train.max_minutes=5", "--no-progress", "--resume")
+    assert code == 0 and "already complete (10 of 10 steps)" in err, err  # the machine's threads may change
     state = out / "checkpoint" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:1000])  # a truncated file
     assert_user_error(capsys, base, "is corrupt or partial")
