@@ -209,6 +209,8 @@ def cmd_eval(args) -> None:
     from .image import evaluate_images, is_image_model
 
     if is_image_model(resolve_model_dir(args.model)):
+        if args.baseline:
+            raise DifflmError("--baseline is for text models; compare image models by their bits/dim")
         out = evaluate_images(resolve_model_dir(args.model), _config_for_model(args), args,
                               "difflm " + " ".join(sys.argv[1:]), sampler=_sampler(args))
         _add_to_card(args.model, "evaluation", "Evaluation", json.loads((out / "metrics.json").read_text()))
@@ -228,12 +230,19 @@ def cmd_eval(args) -> None:
         from .teacher import load_teacher
 
         teacher = load_teacher(args.teacher, tokenizer, device=device)
+    baseline = None
+    if args.baseline:
+        baseline, baseline_tokenizer = load_model(resolve_model_dir(args.baseline), device=device)
+        if (baseline_tokenizer.get_vocab() != tokenizer.get_vocab()
+                or baseline.config.seq_len != model.config.seq_len):
+            raise DifflmError(f"--baseline {args.baseline} has another vocabulary or sequence length than --model "
+                              f"{args.model}; a paired bound needs both to read the same token ids")
     temperature = sampling_temperature(model, args.temperature)
     sampler = _sampler(args)
     ev = evaluate_model(model, tokenizer, cfg, samples, metrics, teacher=teacher, num_samples=args.num_samples,
                         steps=args.steps, held_out=args.held_out, bound_draws=args.bound_draws, seed=args.seed,
                         model_name=args.model, show_progress=not args.no_progress, temperature=temperature,
-                        sampler=sampler)
+                        sampler=sampler, baseline=baseline, baseline_name=args.baseline or "")
     out = write_report(ev, args.out, "difflm " + " ".join(sys.argv[1:]))
     sampling = {"samples_from": args.samples} if args.samples else {"sampling_steps": args.steps,
                                                                      "sampler": sampler.describe(),
@@ -538,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_temperature_argument(e)
     e.add_argument("--held-out", type=int, default=512, help="held-out texts for the bound")
     e.add_argument("--bound-draws", type=int, default=16, help="stratified draws of t per held-out text")
+    e.add_argument("--baseline", help="another model directory (same tokenizer and length): report this model's "
+                   "bound minus its, paired per held-out text")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
     e.add_argument("--no-progress", action="store_true")

@@ -18,7 +18,7 @@ from .config import Config
 from .data import decode, encode, load_texts
 from .errors import DifflmError
 from .grammar import source_grammar
-from .metrics import bound_report, diversity, grammar_report
+from .metrics import bound_report, diversity, grammar_report, sequence_bounds
 from .rounding import round_to_tokens
 from .sampling import check_request
 from .text import bound_model_fn, embed_with_noise, generate, is_elbo_model, sampling_temperature
@@ -131,10 +131,14 @@ def trajectories(model, tokenizer, count: int = 3, times: Sequence[float] = (1.0
 def evaluate_model(model, tokenizer, cfg: Config, samples: Optional[List[str]], metrics: Sequence[str],
                    teacher=None, num_samples: int = 256, steps: int = 200, held_out: int = 512,
                    bound_draws: int = 16, seed: int = 0, model_name: str = "", show_progress: bool = True,
-                   temperature: Optional[float] = None, sampler="ddpm"):
+                   temperature: Optional[float] = None, sampler="ddpm", baseline=None, baseline_name: str = ""):
     """Run the chosen metrics; generate `num_samples` samples (by `sampler` in `steps` steps, at `temperature`,
-    None: the model's default) when none are given."""
+    None: the model's default) when none are given. `baseline`: another model of the same tokenizer and length,
+    whose continuous-time bound on the same held-out texts and draws is subtracted per sequence (the paired
+    comparison of two recipes, far tighter than comparing their bounds' standard errors)."""
     metrics = check_metrics(metrics)
+    if baseline is not None and "bound" not in metrics:
+        raise DifflmError("--baseline compares likelihood bounds; add bound to --metrics")
     if "lm_score" in metrics and teacher is None:
         raise DifflmError("lm_score needs --teacher DIR (train one with `difflm train-teacher --model MODEL`)")
     if "bound" in metrics and getattr(model.config, "explicit_length", False) and not is_elbo_model(model):
@@ -157,11 +161,18 @@ def evaluate_model(model, tokenizer, cfg: Config, samples: Optional[List[str]], 
         exact = None
         if grammar is not None and not truncated:  # the true -log p of each held-out sentence
             exact = torch.tensor([-grammar.log_prob(text) for text in dev_texts], dtype=torch.float64)
+        reference = None
+        if baseline is not None:
+            with tqdm(total=len(dev_ids), desc="bound of the baseline (continuous)", disable=not show_progress,
+                      dynamic_ncols=True) as bar:
+                reference = sequence_bounds(baseline, dev_ids, continuous=True, draws=bound_draws, seed=seed,
+                                            progress=bar.update).nll
         for continuous in (False, True) if model.diffusion.discrete else (True,):
             with tqdm(total=len(dev_ids), desc=f"bound ({'continuous' if continuous else 'discrete'})",
                       disable=not show_progress, dynamic_ncols=True) as bar:
                 rep = bound_report(model, dev_ids, continuous=continuous, draws=bound_draws, seed=seed,
-                                   progress=bar.update, exact=exact)
+                                   progress=bar.update, exact=exact, baseline=reference if continuous else None,
+                                   baseline_name=baseline_name)
             result.metrics[f"bound_{rep.time}"] = rep.to_dict()
         result.metrics[next(k for k in result.metrics if k.startswith("bound_"))]["truncated_held_out_texts"] = truncated
         result.curve = denoising_curve(model, dev_ids[:128], seed=seed)

@@ -115,6 +115,10 @@ class BoundReport:
     # with the exact -log p(w) of each sequence (the embedded grammar): bound minus it, paired per sequence
     gap_to_exact: Optional[Estimate] = None
     exact_nats_per_sequence: Optional[float] = None
+    # with another model's bound on the same sequences and draws (`difflm eval --baseline`): this one's minus it
+    baseline: Optional[str] = None
+    minus_baseline_per_sequence: Optional[Estimate] = None
+    minus_baseline_per_token: Optional[Estimate] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,19 +149,22 @@ def stratified(draw: Callable[[tuple], Dict[str, torch.Tensor]], strata: List[tu
     return out
 
 
-def bound_report(model, ids: torch.Tensor, continuous: bool = False, draws: int = 1, batch_size: int = 64,
-                 seed: int = 0, progress: Optional[Callable[[int], None]] = None,
-                 exact: Optional[torch.Tensor] = None) -> BoundReport:
-    """The bound per sequence from stratified draws: one draw of `text_bound` in each slice of
-    `time_strata(draws)` (geometric, finer near t = 0, where the sqrt schedule's weights are heavy), the
-    diffusion term weighted by the slice's width, the other terms averaged; standard errors across sequences.
-    `exact` (N,): the true -log p(w) of each sequence where known (the embedded grammar); the report then has
-    the gap bound - exact, paired per sequence (its mean estimates E_w[bound] - H; never below 0 in truth)."""
+def _bound_strata(model, continuous: bool, draws: int) -> list:
+    process = continuous_twin(model.diffusion) if continuous else model.diffusion
+    return process.time_strata(draws, low_step=2)
+
+
+def sequence_bounds(model, ids: torch.Tensor, continuous: bool = False, draws: int = 1, batch_size: int = 64,
+                    seed: int = 0, progress: Optional[Callable[[int], None]] = None) -> TextBound:
+    """The bound's terms for each sequence of `ids` from stratified draws: one draw of `text_bound` in each slice
+    of `time_strata(draws)` (geometric, finer near t = 0, where the sqrt schedule's weights are heavy), the
+    diffusion term weighted by the slice's width, the other terms averaged. The noise comes from one generator
+    seeded with `seed`, so two models of the same shapes scored with one seed share their draws (common random
+    numbers), which makes their per-sequence difference far less noisy than either bound."""
     model.eval()
     continuous = continuous or not model.diffusion.discrete
     g = torch.Generator(device=ids.device).manual_seed(seed)
-    process = continuous_twin(model.diffusion) if continuous else model.diffusion
-    strata = process.time_strata(draws, low_step=2)
+    strata = _bound_strata(model, continuous, draws)
     rows: List[TextBound] = []
     for i in range(0, len(ids), batch_size):
         batch = ids[i: i + batch_size]
@@ -165,19 +172,37 @@ def bound_report(model, ids: torch.Tensor, continuous: bool = False, draws: int 
                                            strata)))
         if progress:
             progress(len(batch))
-    bound = TextBound(**{k: torch.cat([getattr(r, k) for r in rows]) for k in TERMS})
+    return TextBound(**{k: torch.cat([getattr(r, k) for r in rows]) for k in TERMS})
+
+
+def bound_report(model, ids: torch.Tensor, continuous: bool = False, draws: int = 1, batch_size: int = 64,
+                 seed: int = 0, progress: Optional[Callable[[int], None]] = None,
+                 exact: Optional[torch.Tensor] = None, baseline: Optional[torch.Tensor] = None,
+                 baseline_name: Optional[str] = None) -> BoundReport:
+    """The bound per sequence (`sequence_bounds`) with standard errors across sequences.
+    `exact` (N,): the true -log p(w) of each sequence where known (the embedded grammar); the report then has
+    the gap bound - exact, paired per sequence (its mean estimates E_w[bound] - H; never below 0 in truth).
+    `baseline` (N,): another model's bound on the same sequences (`sequence_bounds` with the same seed); the report
+    then has this model's bound minus it, paired per sequence and per token."""
+    continuous = continuous or not model.diffusion.discrete
+    bound = sequence_bounds(model, ids, continuous, draws, batch_size, seed, progress)
     cfg = model.config
     nats_seq = _estimate(bound.nll)
-    tokens = ((ids != cfg.pad_id) & (ids != cfg.start_id)).sum(dim=1).clamp(min=1)  # words + END
-    nats_tok = _ratio_estimate(bound.nll, tokens.to(bound.nll.dtype))
+    tokens = ((ids != cfg.pad_id) & (ids != cfg.start_id)).sum(dim=1).clamp(min=1).to(bound.nll.dtype)  # words + END
+    nats_tok = _ratio_estimate(bound.nll, tokens)
+    diff = None if baseline is None else bound.nll.double() - baseline.double().to(bound.nll.device)
     return BoundReport(
-        time="continuous" if continuous else "discrete", sequences=len(ids), draws_per_sequence=len(strata),
+        time="continuous" if continuous else "discrete", sequences=len(ids),
+        draws_per_sequence=len(_bound_strata(model, continuous, draws)),
         nats_per_sequence=nats_seq, nats_per_token=nats_tok,
         bits_per_token=Estimate(nats_tok.mean / LN2, nats_tok.se / LN2), perplexity_bound=math.exp(nats_tok.mean),
         nats_per_position=Estimate(nats_seq.mean / ids.shape[1], nats_seq.se / ids.shape[1]),
         terms_per_sequence={k: getattr(bound, k).double().mean().item() for k in TERMS},
         gap_to_exact=None if exact is None else _estimate(bound.nll.double() - exact.double().to(bound.nll.device)),
-        exact_nats_per_sequence=None if exact is None else exact.double().mean().item())
+        exact_nats_per_sequence=None if exact is None else exact.double().mean().item(),
+        baseline=baseline_name if diff is not None else None,
+        minus_baseline_per_sequence=None if diff is None else _estimate(diff),
+        minus_baseline_per_token=None if diff is None else _ratio_estimate(diff, tokens))
 
 
 # ---- diversity -------------------------------------------------------------------------------------------------

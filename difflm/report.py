@@ -97,6 +97,11 @@ def markdown(ev: Evaluation, plots: List[str], command: str) -> str:
                           f"the true -log p of each held-out sentence, paired; their mean is "
                           f"{r['exact_nats_per_sequence']:.3f}, the grammar's entropy estimated on these sentences).",
                           ""]
+            if r.get("minus_baseline_per_sequence"):
+                lines += [f"**Minus the baseline {r['baseline']}: {_fmt(r['minus_baseline_per_sequence'])} nats per "
+                          f"sequence, {_fmt(r['minus_baseline_per_token'])} per token** (its bound on the same "
+                          "texts with the same draws, subtracted per text; below zero, this model's bound is "
+                          "tighter).", ""]
     if "lm_score" in m:
         lines += ["## lm-score (teacher LM perplexity)", "", "| samples | held-out text (the floor) |",
                   "| ---: | ---: |", f"| {m['lm_score']['samples']:.3f} | {m['lm_score']['held_out_text']:.3f} |", ""]

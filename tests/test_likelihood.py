@@ -178,6 +178,48 @@ def test_contradicting_likelihood_options_are_one_line_errors(tmp_path, capsys, 
     assert not (tmp_path / "o").exists()
 
 
+def test_eval_baseline_subtracts_another_models_bound_per_text_with_the_same_draws(tmp_path, capsys):
+    """`eval --baseline`: the difference is this model's bound minus the baseline's as each scores alone (same
+    texts, same seed), and a model against itself differs by exactly 0 (the draws are shared)."""
+    from difflm.cli import main
+    from difflm.config import load_config
+    from difflm.data import encode, load_texts
+    from difflm.metrics import bound_report, sequence_bounds
+
+    run = [f"{k}={v}" for k, v in ELBO.items()] + ["model.self_condition=true", "train.embedding_lr=1e-2",
+                                                    "train.schedule_lr=1e-2"]
+    runs = {}
+    for name, steps, more in (("a", 20, []), ("b", 5, []), ("short", 1, ["data.seq_len=20"])):
+        runs[name] = tmp_path / name
+        assert main(["train", "--config", TINY, f"train.out_dir={runs[name]}", *run, f"train.max_steps={steps}",
+                     *more, "--no-progress"]) == 0
+    out = tmp_path / "ev"
+    common = ["--metrics", "bound", "--held-out", "24", "--bound-draws", "2", "--no-progress"]
+    assert main(["eval", "--model", str(runs["a"]), "--out", str(out), *common, "--baseline", str(runs["b"])]) == 0
+    paired = json.loads((out / "metrics.json").read_text())["metrics"]["bound_continuous"]
+    assert paired["baseline"] == str(runs["b"]) and "Minus the baseline" in (out / "report.md").read_text()
+
+    (a, tok), (b, _) = load_model(runs["a"] / "model"), load_model(runs["b"] / "model")
+    ids, _ = encode(load_texts(load_config(TINY).data).dev[:24], tok, a.config.seq_len)
+    alone_a, alone_b = (bound_report(m, ids, continuous=True, draws=2, seed=0) for m in (a, b))
+    assert paired["nats_per_sequence"]["mean"] == pytest.approx(alone_a.nats_per_sequence.mean, rel=1e-9)
+    assert paired["minus_baseline_per_sequence"]["mean"] == pytest.approx(
+        alone_a.nats_per_sequence.mean - alone_b.nats_per_sequence.mean, rel=1e-9, abs=1e-9)
+    assert paired["minus_baseline_per_token"]["mean"] == pytest.approx(
+        alone_a.nats_per_token.mean - alone_b.nats_per_token.mean, rel=1e-9, abs=1e-9)
+    itself = bound_report(a, ids, continuous=True, draws=2, seed=0,
+                          baseline=sequence_bounds(a, ids, continuous=True, draws=2, seed=0).nll)
+    assert (itself.minus_baseline_per_sequence.mean, itself.minus_baseline_per_sequence.se) == (0.0, 0.0)
+    capsys.readouterr()
+
+    base = ["eval", "--model", str(runs["a"]), "--out", str(tmp_path / "bad")]
+    assert_user_error(capsys, base + ["--metrics", "diversity", "--baseline", str(runs["b"])],
+                      "--baseline compares likelihood bounds; add bound to --metrics")
+    assert_user_error(capsys, base + [*common, "--baseline", str(runs["short"])],
+                      "has another vocabulary or sequence length")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_likelihood_run_trains_samples_and_reports_a_bound_above_the_exact_entropy(tmp_path):
     """The whole chain on the tiny config: train on the ELBO, generate, eval; the bound is in continuous time only,
     with the gap to the grammar's exact -log p, and may not undercut the exact entropy beyond 3 SE."""
