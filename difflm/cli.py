@@ -247,6 +247,8 @@ def cmd_eval(args) -> None:
     sampling = {"samples_from": args.samples} if args.samples else {"sampling_steps": args.steps,
                                                                      "sampler": sampler.describe(),
                                                                      "temperature": temperature}
+    if not ev.samples:  # only the bound was asked for: nothing generated
+        sampling = {}
     _add_to_card(args.model, "evaluation", "Evaluation",
                  {"samples": ev.samples, "held_out": ev.held_out, **sampling, **ev.metrics})
     logging.getLogger("difflm").info("wrote %s and %s", out / "metrics.json", out / "report.md")
@@ -541,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="section.key=value applied to that config")
     e.add_argument("--metrics", default=None, help="comma-separated: bound,lm_score,diversity,grammar "
                    "(default: all that apply)")
-    e.add_argument("--num-samples", type=int, default=256)
+    e.add_argument("--num-samples", type=int, default=256, help="samples to generate for lm_score, diversity and "
+                   "grammar (none for the bound alone)")
     e.add_argument("--steps", type=int, default=200, help="sampling steps when generating")
     _add_sampler_arguments(e)
     _add_temperature_argument(e)

@@ -19,12 +19,13 @@ from .data import decode, encode, load_texts
 from .errors import DifflmError
 from .grammar import source_grammar
 from .metrics import bound_report, diversity, grammar_report, sequence_bounds
-from .rounding import round_to_tokens
 from .sampling import check_request
-from .text import bound_model_fn, embed_with_noise, generate, is_elbo_model, sampling_temperature
+from .text import (SamplingModelFn, bound_model_fn, embed_with_noise, estimate_ids, generate, is_elbo_model,
+                   sample_ids, sampling_temperature)
 
 log = logging.getLogger("difflm")
 METRICS = ("bound", "lm_score", "diversity", "grammar")
+SAMPLE_METRICS = frozenset({"lm_score", "diversity", "grammar"})  # those that score generated samples
 
 
 @dataclass
@@ -111,14 +112,19 @@ def _decade_shares(times: Sequence[float], per_decade: Sequence[float]) -> Dict[
 
 
 def trajectories(model, tokenizer, count: int = 3, times: Sequence[float] = (1.0, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1,
-                 0.05, 0.02, 0.0), steps: int = 200, seed: int = 0) -> List[Trajectory]:
-    """Sample `count` sequences and keep the rounded x0 estimate at the sampler step nearest each time."""
+                 0.05, 0.02, 0.0), steps: int = 200, seed: int = 0,
+                 temperature: Optional[float] = None) -> List[Trajectory]:
+    """Sample `count` sequences (DDPM, as `generate` with this seed draws its first `count`) and keep the x0
+    estimate at the sampler step nearest each time, decoded as the final samples are (text.estimate_ids)."""
     seen: List[tuple] = []
+    model_fn = SamplingModelFn(model, temperature=temperature)
 
     def callback(state):
-        seen.append((state.t[0].item(), round_to_tokens(state.x0_hat, model.embedding.weight).tolist()))
+        seen.append((state.t[0].item(), estimate_ids(model, model_fn, state.x0_hat).tolist()))
 
-    generate(model, tokenizer, count, steps=steps, seed=seed, batch_size=count, callback=callback)
+    model.eval()
+    generator = torch.Generator(device=model.embedding.weight.device).manual_seed(seed)
+    sample_ids(model, model_fn, count, steps=steps, generator=generator, callback=callback)
     out = [Trajectory(t=[], text=[]) for _ in range(count)]
     for target in times:
         t, rows = min(seen, key=lambda item: abs(item[0] - target))
@@ -146,6 +152,8 @@ def evaluate_model(model, tokenizer, cfg: Config, samples: Optional[List[str]], 
                           "embedding noise at the given PAD positions has no bound; drop bound from --metrics, or "
                           "train with model.objective=elbo")
     device = model.embedding.weight.device
+    if samples is None and not SAMPLE_METRICS.intersection(metrics):
+        samples = []  # the bound needs none: no generation
     if samples is None:
         check_request(model.diffusion, num_samples, steps, 64, sampler=sampler, warp=model.time_warp)
         temperature = sampling_temperature(model, temperature)
@@ -177,7 +185,7 @@ def evaluate_model(model, tokenizer, cfg: Config, samples: Optional[List[str]], 
         result.metrics[next(k for k in result.metrics if k.startswith("bound_"))]["truncated_held_out_texts"] = truncated
         result.curve = denoising_curve(model, dev_ids[:128], seed=seed)
         result.trajectories = trajectories(model, tokenizer, steps=min(steps, model.diffusion.num_steps or steps),
-                                           seed=seed)
+                                           seed=seed, temperature=temperature)
     if "lm_score" in metrics:
         from .teacher import lm_score
 

@@ -78,7 +78,8 @@ def _fmt(est: dict) -> str:
 def markdown(ev: Evaluation, plots: List[str], command: str) -> str:
     m = ev.metrics
     lines = [f"# Evaluation of {ev.model}", "", f"Command: `{command}`", "",
-             f"{ev.samples} samples; {ev.held_out} held-out texts.", ""]
+             f"{ev.samples or 'No'} samples{'' if ev.samples else ' (no metric asked for them)'}; "
+             f"{ev.held_out} held-out texts.", ""]
     for key in ("bound_discrete", "bound_continuous"):
         if key in m:
             r = m[key]

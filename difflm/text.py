@@ -453,14 +453,25 @@ def sample_ids(model: TextDiffusionModel, model_fn: Callable, batch: int, steps:
                    sampler=sampler, denoise_fn=_chain(denoise_fn, clamp_fn if clamp else None), guide=guide,
                    generator=generator, device=weight.device, dtype=latent_dtype(weight), callback=callback,
                    warp=model.time_warp)
+    ids = estimate_ids(model, model_fn, x, from_logits=from_logits)
+    return torch.nn.functional.pad(ids, (0, cfg.seq_len - width), value=cfg.pad_id)
+
+
+def estimate_ids(model: TextDiffusionModel, model_fn: Callable, x0_hat: torch.Tensor,
+                 from_logits: bool = True) -> torch.Tensor:
+    """The token ids (B, width) of a sampler step's x0 estimate, decoded as the samples are: the argmax of that
+    step's logits (config.output=logits, unless not `from_logits`) or of the rounding head on `x0_hat`; PAD beyond
+    each sample's drawn length for a config.explicit_length model."""
     logits = getattr(model_fn, "logits", None)
-    if from_logits and logits is not None:  # the last step's logits: the most likely word at each position
+    if from_logits and logits is not None:  # the step's logits: the most likely word at each position
         ids = logits.argmax(dim=-1)
     else:
-        ids = round_to_tokens(x, model.rounding_weight(x.dtype))
-    if model_fn.lengths is not None:
-        ids = ids.masked_fill(torch.arange(width, device=ids.device)[None] >= model_fn.lengths[:, None], cfg.pad_id)
-    return torch.nn.functional.pad(ids, (0, cfg.seq_len - width), value=cfg.pad_id)
+        ids = round_to_tokens(x0_hat, model.rounding_weight(x0_hat.dtype))
+    lengths = getattr(model_fn, "lengths", None)
+    if lengths is not None:
+        beyond = torch.arange(ids.shape[1], device=ids.device)[None] >= lengths[:, None]
+        ids = ids.masked_fill(beyond, model.config.pad_id)
+    return ids
 
 
 def compiled_network(model: torch.nn.Module) -> Callable:

@@ -96,6 +96,22 @@ def test_eval_writes_json_markdown_and_plots(tiny_run, teacher_dir, tmp_path, ca
     assert not list(tiny_run.glob(".report.*"))
 
 
+def test_eval_of_the_bound_alone_generates_nothing(tiny_run, tmp_path, capsys, monkeypatch):
+    import difflm.evaluation
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated samples that no metric asked for")
+
+    monkeypatch.setattr(difflm.evaluation, "generate", no_generation)
+    out = tmp_path / "ev"
+    code, _, err = run(capsys, "eval", "--model", str(tiny_run), "--out", str(out), "--metrics", "bound",
+                       "--held-out", "8", "--bound-draws", "2", "--no-progress")
+    assert code == 0, err
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["samples"] == 0 and saved["examples"] == [] and "bound_continuous" in saved["metrics"]
+    assert "No samples (no metric asked for them); 8 held-out texts." in (out / "report.md").read_text()
+
+
 def test_eval_bad_inputs(tiny_run, teacher_dir, tmp_path, capsys):
     base = ["eval", "--model", str(tiny_run), "--out", str(tmp_path / "ev"), "--num-samples", "4", "--steps", "5"]
     assert_user_error(capsys, base + ["--samples", str(tmp_path / "none.jsonl")], "does not exist")

@@ -195,3 +195,21 @@ def test_temperature_on_the_command_line(tiny_run, tmp_path, capsys):
     assert_user_error(capsys, ["generate", "--model", str(tiny_run), "--num-samples", "2", "--steps", "5",
                                "--temperature", "0.5", "--out", str(tmp_path / "s.jsonl")], "categorical output")
     assert not (tmp_path / "s.jsonl").exists()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"model.sample_temperature": "0.5"},
+                                       {"model.embedding_norm": "true", "model.output": "embedding"}])
+def test_trajectories_end_on_the_samples(tokenizer, overrides):
+    """The trajectories in eval's report decode each step's estimate as the samples are decoded (the logits' argmax
+    of a categorical model, the rounding head on the normalised embeddings otherwise): their last column is the
+    first samples that generate draws with the same seed."""
+    from difflm.evaluation import trajectories
+
+    torch.manual_seed(0)
+    model = small_model(tokenizer, **{"model.output": "logits", "model.self_condition": "true", **overrides}).eval()
+    with torch.no_grad():  # an untrained head: sharpen it so that decoding by logits and by rounding would differ
+        model.embedding.weight.mul_(3.0)
+    traj = trajectories(model, tokenizer, count=3, steps=8, seed=5)
+    samples = generate(model, tokenizer, 3, steps=8, seed=5, batch_size=3)
+    assert [tr.text[-1] for tr in traj] == [s.text for s in samples]
+    assert all(len(tr.t) == 10 and tr.t[0] == 1.0 for tr in traj)
