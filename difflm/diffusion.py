@@ -246,10 +246,13 @@ class GaussianDiffusion(nn.Module):
 
     def time_strata(self, count: int, low_step: int = 1, smallest: float = 1e-4) -> list:
         """A partition of the time range into at most `count` slices (a, b), geometrically finer towards t_min,
-        where weights such as Diffusion-LM's SNR ~ 1/t concentrate. Discrete slices hold whole steps (the first
-        is the single step low_step); continuous slices start at `smallest`."""
+        where weights such as Diffusion-LM's SNR ~ 1/t concentrate, or equal in continuous time for a schedule
+        with `uniform_strata` (finite log-SNR endpoints: EndpointSchedule). Discrete slices hold whole steps (the
+        first is the single step low_step); continuous geometric slices start at `smallest`."""
         if count <= 1:
             return [(0.0, 1.0)]
+        if not self.discrete and self.schedule.uniform_strata:
+            return [(k / count, (k + 1) / count) for k in range(count)]
         if self.discrete:
             span = self.num_steps + 1 - low_step
             cuts = torch.logspace(0, math.log10(span), count, dtype=torch.float64).round().long().unique()

@@ -157,7 +157,8 @@ def _bound_strata(model, continuous: bool, draws: int) -> list:
 def sequence_bounds(model, ids: torch.Tensor, continuous: bool = False, draws: int = 1, batch_size: int = 64,
                     seed: int = 0, progress: Optional[Callable[[int], None]] = None) -> TextBound:
     """The bound's terms for each sequence of `ids` from stratified draws: one draw of `text_bound` in each slice
-    of `time_strata(draws)` (geometric, finer near t = 0, where the sqrt schedule's weights are heavy), the
+    of `time_strata(draws)` (geometric, finer near t = 0, where the sqrt schedule's weights are heavy; uniform for
+    a schedule with log-SNR endpoints, whose learned shape spreads the term evenly over t), the
     diffusion term weighted by the slice's width, the other terms averaged. The noise comes from one generator
     seeded with `seed`, so two models of the same shapes scored with one seed share their draws (common random
     numbers), which makes their per-sequence difference far less noisy than either bound."""

@@ -8,7 +8,7 @@ import torch
 
 from difflm.diffusion import GaussianDiffusion, gaussian_kl
 from difflm.sampling import ddim_sample, ddpm_sample
-from difflm.schedules import SCHEDULES, Cosine, Learned, LogSNRLinear, Sqrt, get_schedule
+from difflm.schedules import SCHEDULES, Cosine, Learned, LogSNRLinear, NoiseScaled, Sqrt, get_schedule
 
 F64 = torch.float64
 
@@ -208,7 +208,7 @@ def test_discrete_elbo_approaches_continuous_elbo():
 
 @pytest.mark.parametrize("num_steps", [1000, None])
 def test_stratified_estimate_is_unbiased_and_partitions_the_range(num_steps):
-    """Weighted by slice width, one draw per geometric slice estimates the same diffusion term as uniform draws."""
+    """Weighted by slice width, one draw per slice estimates the same diffusion term as uniform draws."""
     m, s2 = 0.2, 0.3
     d = GaussianDiffusion(LogSNRLinear(), num_steps=num_steps)
     strata = d.time_strata(12, low_step=2)
@@ -223,6 +223,17 @@ def test_stratified_estimate_is_unbiased_and_partitions_the_range(num_steps):
     se = uniform.std().item() / math.sqrt(len(x0))
     assert stratified.mean().item() == pytest.approx(uniform.mean().item(), abs=4 * se)
     assert stratified.std() < uniform.std()
+
+
+def test_strata_are_geometric_where_the_weight_piles_up_at_t_0_and_uniform_between_log_snr_endpoints():
+    geometric = GaussianDiffusion(Sqrt(), num_steps=None).time_strata(5)
+    assert geometric[0] == (0.0, 1e-4) and geometric[-1][1] == 1.0
+    assert [b / a for a, b in geometric[1:]] == pytest.approx([10.0] * 4)
+    for schedule in (LogSNRLinear(), Learned(hidden=4), NoiseScaled(LogSNRLinear(), 2.0)):
+        assert GaussianDiffusion(schedule, num_steps=None).time_strata(4) == [(0, 0.25), (0.25, 0.5), (0.5, 0.75),
+                                                                                (0.75, 1.0)]
+    discrete = GaussianDiffusion(LogSNRLinear(), num_steps=1000).time_strata(4, low_step=2)
+    assert discrete[0] == (0.0, 1 / 999)  # discrete time keeps its geometric steps
 
 
 # ---- samplers --------------------------------------------------------------------------------------------------
