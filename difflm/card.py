@@ -63,6 +63,7 @@ def summary(kind: str, a: dict) -> str:
             + [f"time warping ({a['time_warp_bins']} bins)"] * bool(a.get("time_warp_bins")) \
             + [f"noise scale {a['noise_scale']:g}"] * (a.get("noise_scale", 1) != 1) \
             + ([f"log_snr(0) floored at {a['log_snr_max_floor']:g}"] if a.get("log_snr_max_floor") is not None else []) \
+            + ["network reads the log-SNR"] * (a.get("time_input", "t") == "log_snr") \
             + [f"sampled at temperature {a['sample_temperature']:g}"] * (a.get("sample_temperature", 1) != 1) \
             + [f"conditioned on {len(a['attributes'])} attributes"] * bool(a.get("attributes"))
         return (f"A {a['num_layers']} x {a['hidden_size']} transformer denoiser over {a['seq_len']} positions of "

@@ -114,6 +114,7 @@ class DataConfig(Section):
 
 OUTPUTS = ("embedding", "logits")
 OBJECTIVES = ("weighted", "elbo")
+TIME_INPUTS = ("t", "log_snr")
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,9 @@ class ModelConfig(Section):
     # p(length) p(words | length): the length drawn first from its training distribution, PAD positions given (not
     # diffused, masked from attention), batches bucketed by length and trimmed to their longest row
     explicit_length: bool = False
+    # what the network reads as its noise level: t (Diffusion-LM), or the schedule's log-SNR at t (VDM, Plaid), which
+    # a learned schedule's moving map from t to the noise level then does not disturb
+    time_input: str = "t"
 
     section = "model"
     ranges = {"embed_dim": Range(1), "hidden_size": Range(1), "num_layers": Range(1), "num_heads": Range(1),
@@ -156,6 +160,8 @@ class ModelConfig(Section):
         if self.sample_temperature != 1 and self.output != "logits":
             raise DifflmError(f"model.sample_temperature={self.sample_temperature:g} needs model.output=logits (it "
                               f"sharpens softmax(logits / T) E); this model has model.output={self.output}")
+        if self.time_input not in TIME_INPUTS:
+            raise DifflmError(f"unknown model.time_input {self.time_input!r}; choose one of {', '.join(TIME_INPUTS)}")
         if self.objective not in OBJECTIVES:
             raise DifflmError(f"unknown model.objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.objective == "elbo" and self.output != "logits":

@@ -35,7 +35,8 @@ class TextDiffusionConfig(PretrainedConfig):
                  log_snr_max: float = 10.0, log_snr_min: float = -10.0, noise_scale: float = 1.0,
                  time_warp_bins: int = 0, mse_weight: float = 1.0, ce_weight: float = 0.0,
                  sample_temperature: float = 1.0, objective: str = "weighted", posterior_logits: bool = False,
-                 explicit_length: bool = False, log_snr_max_floor: Optional[float] = None, **kwargs):
+                 explicit_length: bool = False, log_snr_max_floor: Optional[float] = None, time_input: str = "t",
+                 **kwargs):
         self.vocab_size, self.seq_len, self.embed_dim = vocab_size, seq_len, embed_dim
         self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
         self.intermediate_size, self.dropout = intermediate_size, dropout
@@ -54,6 +55,7 @@ class TextDiffusionConfig(PretrainedConfig):
         self.objective = objective  # weighted or elbo (text.text_loss / text.text_elbo)
         self.posterior_logits = posterior_logits  # logits += the exact posterior's (TextDiffusionModel.forward)
         self.explicit_length = explicit_length  # p(length) p(words | length): PAD given, not diffused (forward)
+        self.time_input = time_input  # t or log_snr: the noise level the network reads (TextDiffusionModel.noise_input)
         super().__init__(**kwargs)
 
     def build_schedule(self):
@@ -216,7 +218,7 @@ class TextDiffusionModel(PreTrainedModel):
         positions are given, not diffused: attention does not read them and their x0 estimate is Emb(PAD) exactly
         (logits one-hot on PAD), so they add nothing to any loss or bound; the other positions never take PAD.
         """
-        temb = self.time_embed.embed(t)  # (B, H)
+        temb = self.time_embed.embed(self.noise_input(t))  # (B, H)
         if self.attribute_embed is not None and attributes is not None:
             temb = temb + self.attribute_embed(attributes.to(temb.dtype))
         x = x_t
@@ -240,6 +242,24 @@ class TextDiffusionModel(PreTrainedModel):
             logits = torch.where(pad[..., None], torch.where(is_pad, 0.0, -1e4), logits.masked_fill(is_pad, -1e4))
         x0 = self.expected_embedding(logits, x_t.dtype)
         return (x0, logits) if return_logits else x0
+
+    def noise_input(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network reads as its noise level (B,): t itself, or with config.time_input=log_snr the
+        schedule's log-SNR at t mapped affinely onto the unit interval by the config's endpoints (the learned
+        schedule's starting ones),
+
+            s = (log_snr_max - log_snr(t)) / (log_snr_max - log_snr_min),
+
+        so s ~ t for a learned schedule at initialisation (all but linear in log-SNR), and the network is a function
+        of (x_t, log-SNR), as in VDM (Kingma et al. 2021, whose continuous-time ELBO is invariant to the schedule
+        between its endpoints only for such a network) and Plaid: moving the learned schedule no longer changes
+        which noise level a t stands for. Detached from the schedule, as the posterior logits are: the schedule's
+        gradient through the network's input vanishes in expectation for a denoiser trained at the true level."""
+        if getattr(self.config, "time_input", "t") == "t":
+            return t
+        cfg = self.config
+        log_snr = self.diffusion.schedule.log_snr(t.detach()).detach()
+        return ((cfg.log_snr_max - log_snr) / (cfg.log_snr_max - cfg.log_snr_min)).to(t.dtype)
 
     def posterior_logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """log q(w_i | x_t) up to a constant for a uniform prior over words, position by position (B, L, V):

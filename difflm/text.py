@@ -190,12 +190,12 @@ def bound_model_fn(model: TextDiffusionModel, ids: torch.Tensor) -> Callable:
 def elbo_loss(model: TextDiffusionModel, ids: torch.Tensor, generator: Optional[torch.Generator] = None,
               attributes: Optional[torch.Tensor] = None) -> ELBOLoss:
     """The training loss of config.objective=elbo: `text_elbo` per token position, t low-discrepancy uniform in a
-    training batch (uniform otherwise), the schedule's shape trained for low variance (VarianceGradient), the
-    reconstruction on an eighth of the rows in training."""
+    batch (in the dev loss too, whose batches then cover t evenly: a steadier figure to follow), the schedule's
+    shape trained for low variance (VarianceGradient), the reconstruction on an eighth of the rows in training."""
     d, b, length = model.diffusion, ids.shape[0], model.config.seq_len  # per position of the untrimmed sequence
     training = model.training and torch.is_grad_enabled()
     t = d.sample_t(b, ids.device, generator=generator, dtype=latent_dtype(model.embedding.weight),
-                   low_discrepancy=model.training)
+                   low_discrepancy=True)
     variance = VarianceGradient() if training else None
     if attributes is not None:
         attributes = _drop_attributes(model.config, attributes, generator)

@@ -99,7 +99,8 @@ def model_config(cfg: Config, vocab_size: int, special: tuple = (0, 1, 2),
                                log_snr_max=d.log_snr_max, log_snr_min=d.log_snr_min, noise_scale=d.noise_scale,
                                time_warp_bins=d.time_warp_bins, sample_temperature=m.sample_temperature,
                                objective=m.objective, posterior_logits=m.posterior_logits,
-                               explicit_length=m.explicit_length, log_snr_max_floor=d.log_snr_max_floor)
+                               explicit_length=m.explicit_length, log_snr_max_floor=d.log_snr_max_floor,
+                               time_input=m.time_input)
 
 
 def build_model(cfg: Config, tokenizer, attributes: Optional[List[str]] = None) -> TextDiffusionModel:
@@ -243,6 +244,11 @@ def _check_recipe(cfg: Config) -> None:
         if d.noise_scale != 1.0:
             raise DifflmError(f"model.objective=elbo learns the log-SNR endpoints; diffusion.noise_scale="
                               f"{d.noise_scale:g} would shift them: drop it and set diffusion.log_snr_max/min")
+    if m.time_input == "log_snr" and (d.num_steps is not None or d.schedule not in ENDPOINT_SCHEDULES):
+        raise DifflmError(f"model.time_input=log_snr reads the log-SNR of a continuous schedule with finite endpoints; "
+                          f"it contradicts diffusion.schedule={d.schedule}" + (
+                              f" with diffusion.num_steps={d.num_steps}" if d.num_steps is not None else "") +
+                          ": use diffusion.schedule=learned (or logsnr-linear) and diffusion.num_steps=null")
     if m.explicit_length and d.prediction != "x0":
         raise DifflmError(f"model.explicit_length gives the PAD positions' x0 exactly; it contradicts "
                           f"diffusion.prediction={d.prediction}: set diffusion.prediction=x0")

@@ -75,6 +75,27 @@ def test_low_discrepancy_times_cover_the_range_evenly_and_stay_uniform():
     assert abs(first.mean().item() - 0.5) < 0.02  # each entry alone is U(0, 1)
 
 
+def test_the_elbo_loss_draws_low_discrepancy_times_in_training_and_in_the_dev_loss(tokenizer, monkeypatch):
+    model = small_model(tokenizer, **ELBO)
+    ids = torch.randint(3, len(tokenizer), (16, 16))
+    drawn = []
+    sample_t = model.diffusion.sample_t
+
+    def spy(*args, **kwargs):
+        t = sample_t(*args, **kwargs)
+        drawn.append(t)
+        return t
+
+    monkeypatch.setattr(model.diffusion, "sample_t", spy)
+    for training in (True, False):
+        model.train(training)
+        drawn.clear()
+        with torch.set_grad_enabled(training):
+            elbo_loss(model, ids, torch.Generator().manual_seed(1))
+        gaps = torch.diff(torch.sort(drawn[0].double()).values)
+        torch.testing.assert_close(gaps, torch.full_like(gaps, 1 / 16), rtol=0, atol=1e-6)
+
+
 def test_posterior_logits_are_the_exact_single_position_posterior(tokenizer):
     torch.manual_seed(0)
     model = small_model(tokenizer, **ELBO).eval()
@@ -159,7 +180,38 @@ def test_a_floor_keeps_the_learned_log_snr_0_above_it_and_travels_with_the_model
     torch.testing.assert_close(loaded.diffusion.schedule.endpoints()[0], model.diffusion.schedule.endpoints()[0])
 
 
+def test_a_network_that_reads_the_log_snr_follows_the_schedule_not_t(tokenizer, tmp_path):
+    """model.time_input=log_snr: the network reads s = (log_snr_max - log_snr(t)) / (log_snr_max - log_snr_min),
+    close to t while the learned schedule is all but linear (at initialisation); once the schedule moves, the same noise
+    level gives the same input at another t, and the output is the same function of (x_t, log-SNR)."""
+    torch.manual_seed(0)
+    model = small_model(tokenizer, **ELBO, **{"model.time_input": "log_snr", "model.self_condition": "true"}).eval()
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    torch.testing.assert_close(model.noise_input(t), t, atol=0.01, rtol=0)
+    x = torch.randn(4, 16, 8)
+    out = model(x, t)
+    with torch.no_grad():  # the schedule moves: its endpoints go to +2 and -11 and its shape bends
+        model.diffusion.schedule.gamma_0.fill_(-2.0)
+        model.diffusion.schedule.gamma_1.fill_(11.0)
+        model.diffusion.schedule.l3.weight.fill_(1.0)
+    level = model.diffusion.schedule.log_snr(t).detach()
+    torch.testing.assert_close(model.noise_input(t), (1.0 - level) / 10.0)
+    t_same = model.diffusion.time_of_log_snr(torch.tensor([1.0, -1.5, -4.0, -9.0], dtype=torch.float64)).float()
+    inputs = model.noise_input(t_same)
+    torch.testing.assert_close(inputs, torch.tensor([0.0, 0.25, 0.5, 1.0]), atol=1e-4, rtol=0)
+    assert model.noise_input(t).requires_grad is False  # the schedule is not trained through the network's input
+    plain = small_model(tokenizer, **ELBO).eval()
+    assert plain.config.time_input == "t" and torch.equal(plain.noise_input(t), t)
+    save_model(model, tokenizer, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.config.time_input == "log_snr"
+    torch.testing.assert_close(loaded.eval()(x, t), model(x, t))
+    assert out.shape == x.shape
+
+
 @pytest.mark.parametrize("overrides,message", [
+    (["model.time_input=log_snr"], "model.time_input=log_snr reads the log-SNR of a continuous schedule"),
+    (["model.time_input=sigma"], "unknown model.time_input 'sigma'"),
     (["diffusion.log_snr_max_floor=0"], "it contradicts diffusion.schedule=sqrt"),
     ([*(f"{k}={v}" for k, v in ELBO.items()), "diffusion.log_snr_max_floor=1"],
      "must be above diffusion.log_snr_max_floor (1)"),
