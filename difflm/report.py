@@ -64,7 +64,8 @@ def _plots(ev: Evaluation, out: Path) -> List[str]:
                 ax.text(0.09, y, textwrap.shorten(text or "(empty)", 150), va="top", fontsize=8,
                         family="monospace", transform=ax.transAxes)
                 y -= step
-        ax.set_title("denoising trajectories: the rounded x0 estimate as sampling goes from t=1 to 0", fontsize=10)
+        ax.set_title("denoising trajectories: the x0 estimate, decoded as the samples are, as sampling goes from t=1 to 0",
+                     fontsize=10)
         fig.savefig(out / "trajectories.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append("trajectories.png")
