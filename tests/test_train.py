@@ -45,6 +45,11 @@ def test_ema_warm_up_and_decay():
     ema.update(model, step=1000)  # decay 0.9
     assert ema.model.weight.item() == pytest.approx(0.9 + 0.1 * 0.1)
     assert not ema.model.weight.requires_grad
+    none = EMA(model, decay=0.0)  # train.ema_decay=0: the saved model is the final weights themselves, exactly
+    with torch.no_grad():
+        model.weight.fill_(1.0 / 3.0)
+    none.update(model, step=5)
+    assert torch.equal(none.model.weight, model.weight)
 
 
 def test_same_seed_same_run_and_time_budget_stops_with_a_checkpoint(tmp_path, caplog):
