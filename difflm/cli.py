@@ -244,11 +244,9 @@ def cmd_eval(args) -> None:
                         model_name=args.model, show_progress=not args.no_progress, temperature=temperature,
                         sampler=sampler, baseline=baseline, baseline_name=args.baseline or "")
     out = write_report(ev, args.out, "difflm " + " ".join(sys.argv[1:]))
-    sampling = {"samples_from": args.samples} if args.samples else {"sampling_steps": args.steps,
-                                                                     "sampler": sampler.describe(),
-                                                                     "temperature": temperature}
-    if not ev.samples:  # only the bound was asked for: nothing generated
-        sampling = {}
+    sampling = ({"samples_from": args.samples} if args.samples
+                else {"sampling_steps": args.steps, "sampler": sampler.describe(), "temperature": temperature}
+                if ev.samples else {})  # none generated: only the bound was asked for
     _add_to_card(args.model, "evaluation", "Evaluation",
                  {"samples": ev.samples, "held_out": ev.held_out, **sampling, **ev.metrics})
     logging.getLogger("difflm").info("wrote %s and %s", out / "metrics.json", out / "report.md")

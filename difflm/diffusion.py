@@ -251,12 +251,12 @@ class GaussianDiffusion(nn.Module):
         first is the single step low_step); continuous geometric slices start at `smallest`."""
         if count <= 1:
             return [(0.0, 1.0)]
-        if not self.discrete and self.schedule.uniform_strata:
-            return [(k / count, (k + 1) / count) for k in range(count)]
         if self.discrete:
             span = self.num_steps + 1 - low_step
             cuts = torch.logspace(0, math.log10(span), count, dtype=torch.float64).round().long().unique()
             edges = [0.0] + [c.item() / span for c in cuts]
+        elif self.schedule.uniform_strata:
+            edges = [k / count for k in range(count + 1)]
         else:
             edges = [0.0] + torch.logspace(math.log10(smallest), 0, count, dtype=torch.float64).tolist()
         return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]

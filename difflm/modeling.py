@@ -258,7 +258,8 @@ class TextDiffusionModel(PreTrainedModel):
         if getattr(self.config, "time_input", "t") == "t":
             return t
         cfg = self.config
-        log_snr = self.diffusion.schedule.log_snr(t.detach()).detach()
+        with torch.no_grad():  # no graph through the schedule
+            log_snr = self.diffusion.schedule.log_snr(t)
         return ((cfg.log_snr_max - log_snr) / (cfg.log_snr_max - cfg.log_snr_min)).to(t.dtype)
 
     def posterior_logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
