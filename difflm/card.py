@@ -60,6 +60,8 @@ def summary(kind: str, a: dict) -> str:
     if kind == "diffusion":
         recipe = [f"output={a['output']}"] + ["normalised embeddings"] * bool(a.get("embedding_norm")) \
             + ["self-conditioning"] * bool(a.get("self_condition")) \
+            + ([f"on {a['self_condition_rows']:g} of the rows"] if a.get("self_condition_rows") is not None else []) \
+            + ["zero-initialised head"] * bool(a.get("zero_init_output")) \
             + [f"time warping ({a['time_warp_bins']} bins)"] * bool(a.get("time_warp_bins")) \
             + [f"noise scale {a['noise_scale']:g}"] * (a.get("noise_scale", 1) != 1) \
             + ([f"log_snr(0) floored at {a['log_snr_max_floor']:g}"] if a.get("log_snr_max_floor") is not None else []) \

@@ -146,15 +146,23 @@ class ModelConfig(Section):
     # what the network reads as its noise level: t (Diffusion-LM), or the schedule's log-SNR at t (VDM, Plaid), which
     # a learned schedule's moving map from t to the noise level then does not disturb
     time_input: str = "t"
+    # which training rows read their own first estimate: null, every row of half the batches (Chen et al. 2023);
+    # a share p in (0, 1], that share of every batch's rows, drawn row by row (Plaid: 0.25), a cheaper first pass
+    self_condition_rows: Optional[float] = None
+    # the head's last layer starts at zero (Plaid), so that a new network's logits are the posterior bias alone
+    zero_init_output: bool = False
 
     section = "model"
     ranges = {"embed_dim": Range(1), "hidden_size": Range(1), "num_layers": Range(1), "num_heads": Range(1),
               "intermediate_size": Range(1), "dropout": DROPOUT, "attribute_dropout": PROBABILITY,
               "unconditional_prob": PROBABILITY, "mse_weight": NON_NEGATIVE, "ce_weight": NON_NEGATIVE,
-              "sample_temperature": POSITIVE}
+              "sample_temperature": POSITIVE, "self_condition_rows": Range(0, 1, low_open=True)}
 
     def check(self) -> None:
         _divisible(self)
+        if self.self_condition_rows is not None and not self.self_condition:
+            raise DifflmError(f"model.self_condition_rows={self.self_condition_rows:g} chooses the rows that "
+                              f"self-condition; it needs model.self_condition=true")
         if self.output not in OUTPUTS:
             raise DifflmError(f"unknown model.output {self.output!r}; choose one of {', '.join(OUTPUTS)}")
         if self.sample_temperature != 1 and self.output != "logits":

@@ -36,7 +36,7 @@ class TextDiffusionConfig(PretrainedConfig):
                  time_warp_bins: int = 0, mse_weight: float = 1.0, ce_weight: float = 0.0,
                  sample_temperature: float = 1.0, objective: str = "weighted", posterior_logits: bool = False,
                  explicit_length: bool = False, log_snr_max_floor: Optional[float] = None, time_input: str = "t",
-                 **kwargs):
+                 self_condition_rows: Optional[float] = None, zero_init_output: bool = False, **kwargs):
         self.vocab_size, self.seq_len, self.embed_dim = vocab_size, seq_len, embed_dim
         self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
         self.intermediate_size, self.dropout = intermediate_size, dropout
@@ -56,6 +56,8 @@ class TextDiffusionConfig(PretrainedConfig):
         self.posterior_logits = posterior_logits  # logits += the exact posterior's (TextDiffusionModel.forward)
         self.explicit_length = explicit_length  # p(length) p(words | length): PAD given, not diffused (forward)
         self.time_input = time_input  # t or log_snr: the noise level the network reads (TextDiffusionModel.noise_input)
+        self.self_condition_rows = self_condition_rows  # None: half the batches self-condition; p: that share of rows
+        self.zero_init_output = zero_init_output  # the head's last layer starts at zero (TextDiffusionModel)
         super().__init__(**kwargs)
 
     def build_schedule(self):
@@ -116,7 +118,10 @@ class TextDiffusionModel(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module):
-        if module is self.embedding:
+        if getattr(self.config, "zero_init_output", False) and module is self.output_proj[-1]:
+            nn.init.zeros_(module.weight)  # Plaid: a new network adds nothing to the posterior bias (or predicts 0)
+            nn.init.zeros_(module.bias)
+        elif module is self.embedding:
             nn.init.normal_(module.weight, std=1.0)  # Diffusion-LM keeps nn.Embedding's N(0, 1)
         elif isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)

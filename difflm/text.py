@@ -236,25 +236,40 @@ def _drop_attributes(cfg: TextDiffusionConfig, attributes: torch.Tensor, generat
 def _training_model_fn(model: TextDiffusionModel, generator: Optional[torch.Generator],
                        attributes: Optional[torch.Tensor] = None, logits: Optional[list] = None,
                        self_condition: Optional[bool] = None, lengths: Optional[torch.Tensor] = None):
-    """The model as a model_fn; with self-conditioning, half the batches first make an x0 estimate without
-    gradient and condition on it, so the network learns both to start and to refine (Chen et al. 2023);
-    `self_condition` True or False decides instead of the coin. The network's logits (config.output=logits) of
-    the differentiable call are appended to `logits`. `lengths`: see TextDiffusionModel.forward."""
-    use = model.config.self_condition and (self_condition if self_condition is not None else torch.rand(
-        (), generator=generator, device=generator.device if generator else None) < 0.5)
+    """The model as a model_fn; with self-conditioning, rows first make an x0 estimate without gradient and
+    condition on it (zeros for the rest), so the network learns both to start and to refine (Chen et al. 2023):
+    every row of half the batches (a coin per batch), or with config.self_condition_rows = p a share p of every
+    call's rows, each drawn alone (Plaid: 0.25; the first pass runs on those rows only). `self_condition` True or
+    False decides for every row instead. The network's logits (config.output=logits) of the differentiable call
+    are appended to `logits`. `lengths`: see TextDiffusionModel.forward."""
+    device = generator.device if generator else None
+    share = getattr(model.config, "self_condition_rows", None) if self_condition is None else None
+    if not model.config.self_condition or self_condition is not None:
+        use = bool(model.config.self_condition and self_condition)
+    else:  # rows drawn in each call, or one coin for the whole batch
+        use = share is not None or bool(torch.rand((), generator=generator, device=device) < 0.5)
 
     def model_fn(x_t, t):
         x0_self = None
         n = None if lengths is None else lengths[: x_t.shape[0]]  # the batch's first rows (text_elbo's reconstruction)
         if use:
-            with torch.no_grad():
-                x0_self = model.diffusion.predict_x0(model(x_t, t, attributes=attributes, lengths=n), x_t, t)
+            rows = None if share is None else torch.rand(x_t.shape[0], generator=generator, device=device) < share
+            x0_self = _first_estimate(model, x_t, t, attributes, n) if rows is None else torch.zeros_like(x_t)
+            if rows is not None and rows.any():
+                pick = [None if v is None else v[rows] for v in (x_t, t, attributes, n)]
+                x0_self[rows] = _first_estimate(model, *pick)
         out, out_logits = model(x_t, t, x0_self=x0_self, attributes=attributes, return_logits=True, lengths=n)
         if out_logits is not None and logits is not None:
             logits.append(out_logits)
         return out
 
     return model_fn
+
+
+@torch.no_grad()
+def _first_estimate(model: TextDiffusionModel, x_t, t, attributes, lengths) -> torch.Tensor:
+    """The self-conditioning pass: the network's x0 estimate without a previous one, without gradient."""
+    return model.diffusion.predict_x0(model(x_t, t, attributes=attributes, lengths=lengths), x_t, t)
 
 
 def sampling_temperature(model: TextDiffusionModel, temperature: Optional[float] = None) -> float:

@@ -30,7 +30,8 @@ def test_card_facts_match_the_config(tiny_run):
     facts = meta["difflm"]
     arch, data, tr = facts["architecture"], facts["data"], facts["training"]
     for key in ("embed_dim", "hidden_size", "num_layers", "num_heads", "intermediate_size", "self_condition",
-                "output", "embedding_norm", "mse_weight", "ce_weight", "time_input"):
+                "output", "embedding_norm", "mse_weight", "ce_weight", "time_input",
+                "self_condition_rows", "zero_init_output"):
         assert arch[key] == getattr(cfg.model, key), key
     for key in ("schedule", "num_steps", "prediction", "time_warp_bins", "noise_scale", "log_snr_max_floor"):
         assert arch[key] == getattr(cfg.diffusion, key), key

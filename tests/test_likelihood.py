@@ -224,6 +224,9 @@ def test_a_network_that_reads_the_log_snr_follows_the_schedule_not_t(tokenizer, 
     (["model.posterior_logits=true"], "model.posterior_logits adds to the network's logits"),
     (["model.objective=likelihood"], "unknown model.objective 'likelihood'"),
     (["train.schedule_lr=1e-2"], "diffusion.schedule=sqrt has no parameters"),
+    (["model.self_condition_rows=0.25"], "it needs model.self_condition=true"),
+    (["model.self_condition=true", "model.self_condition_rows=0"], "model.self_condition_rows must be in (0, 1]"),
+    (["model.self_condition=true", "model.self_condition_rows=1.5"], "model.self_condition_rows must be in (0, 1]"),
 ])
 def test_contradicting_likelihood_options_are_one_line_errors(tmp_path, capsys, overrides, message):
     assert_user_error(capsys, ["train", "--config", TINY, f"train.out_dir={tmp_path / 'o'}", *overrides], message)
@@ -298,3 +301,63 @@ def test_a_likelihood_run_trains_samples_and_reports_a_bound_above_the_exact_ent
     shares = metrics["curve"]["share_by_decade"]
     assert sum(shares.values()) == pytest.approx(1.0) and len(metrics["curve"]["kl_per_step"]) == 0
     assert "Gap to the exact answer" in (ev / "report.md").read_text() and (ev / "denoising.png").exists()
+
+
+def test_self_condition_rows_give_a_share_of_the_rows_their_first_estimate(tokenizer):
+    """model.self_condition_rows=p (Plaid: 0.25): in every training call a share p of the rows, drawn row by row,
+    reads the network's first estimate at its own z_t (the first pass runs on those rows alone); the others read
+    zeros. p = 1 is every row of every batch; evaluation (self_condition=True) still conditions every row."""
+    from difflm.text import _training_model_fn
+
+    torch.manual_seed(0)
+    model = small_model(tokenizer, **ELBO, **{"model.self_condition": "true",
+                                              "model.self_condition_rows": "0.25"}).eval()
+    calls = []  # (eval mode: no dropout between the passes compared)
+    forward = model.forward
+
+    def watch(x_t, t, x0_self=None, **kwargs):
+        calls.append((x_t.clone(), x0_self))
+        return forward(x_t, t, x0_self=x0_self, **kwargs)
+
+    model.forward = watch
+    x, t = torch.randn(64, 16, 8), torch.rand(64)
+    with torch.no_grad():
+        _training_model_fn(model, torch.Generator().manual_seed(0))(x, t)
+    (first_x, first_self), (second_x, x0_self) = calls
+    assert first_self is None and 0 < first_x.shape[0] < 64 and second_x.shape[0] == 64
+    rows = x0_self.abs().sum((1, 2)) > 0  # the rows that read an estimate
+    assert rows.sum() == first_x.shape[0] and 4 <= rows.sum() <= 28  # about a quarter of 64
+    torch.testing.assert_close(first_x, x[rows])
+    with torch.no_grad():
+        torch.testing.assert_close(x0_self[rows], forward(x[rows], t[rows]))
+    for share, self_condition, picked in ((1.0, None, 64), (0.25, True, 64), (0.25, False, 0)):
+        model.config.self_condition_rows, calls[:] = share, []
+        with torch.no_grad():
+            _training_model_fn(model, torch.Generator().manual_seed(1), self_condition=self_condition)(x, t)
+        x0_self = calls[-1][1]
+        assert (0 if x0_self is None else int((x0_self.abs().sum((1, 2)) > 0).sum())) == picked
+    model.config.self_condition_rows = 0.25
+    del model.forward
+    out = elbo_loss(model.train(), torch.randint(3, len(tokenizer), (16, 16)), torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)
+
+
+def test_a_zero_initialised_head_starts_as_the_posterior_and_trains(tokenizer, tmp_path):
+    """model.zero_init_output (Plaid): the head's last layer starts at zero, so a new network's logits are the
+    posterior bias alone; it gets a gradient at once, and a saved model keeps its trained weights."""
+    torch.manual_seed(0)
+    model = small_model(tokenizer, **ELBO, **{"model.zero_init_output": "true"}).train()
+    head = model.output_proj[-1]
+    assert head.weight.abs().sum() == 0 and head.bias.abs().sum() == 0
+    x, t = torch.randn(2, 16, 8), torch.tensor([0.2, 0.7])
+    _, logits = model(x, t, return_logits=True)
+    torch.testing.assert_close(logits, model.posterior_logits(x, t))
+    assert small_model(tokenizer, **ELBO).output_proj[-1].weight.abs().sum() > 0  # the default init is unchanged
+    elbo_loss(model, torch.randint(3, len(tokenizer), (16, 16)), torch.Generator().manual_seed(0)).loss.backward()
+    assert head.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        head.weight.normal_()
+    save_model(model, tokenizer, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.config.zero_init_output
+    torch.testing.assert_close(loaded.output_proj[-1].weight, head.weight)
