@@ -411,7 +411,7 @@ def _build(cls, values: Dict[str, Any], prefix: str):
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise DifflmError(f"unknown config key {prefix}{key!r}{_suggest(key, names)}")
+            raise DifflmError(f"unknown config key {prefix + key!r}{_suggest(key, names)}")
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
             if not isinstance(value, dict):

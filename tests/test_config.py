@@ -37,7 +37,7 @@ def test_overrides_are_coerced():
 
 
 def test_unknown_key_suggests_the_closest():
-    with pytest.raises(DifflmError, match="did you mean 'batch_size'"):
+    with pytest.raises(DifflmError, match="unknown config key 'train.batchsize'; did you mean 'batch_size'"):
         load_config(None, ["train.batchsize=3"])
     with pytest.raises(DifflmError, match="unknown config key 'trian'"):
         load_config(None, ["trian.lr=3"])
