@@ -236,6 +236,8 @@ def training_facts(loop, step: int, seconds: float, device, evaluation: dict, pr
     for key in ("engine", "precision", "zero_stage", "ema_decay"):
         if hasattr(loop, key):
             facts[key] = getattr(loop, key)
+    if getattr(loop, "posterior_warmup_steps", 0):
+        facts["posterior_warmup_steps"] = loop.posterior_warmup_steps
     facts.update({f"final_{k}": round(float(v), 6) for k, v in evaluation.items()})
     return facts
 

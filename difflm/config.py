@@ -266,9 +266,12 @@ class TrainConfig(LoopConfig):
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     embedding_lr: float = 0.0  # the word embeddings' learning rate (no weight decay); 0: train.lr
     schedule_lr: float = 0.0  # a learned noise schedule's (diffusion.schedule=learned; no weight decay); 0: train.lr
+    # model.posterior_logits: their weight in training rises linearly from 0 to 1 over this many steps (Plaid: 5,000)
+    posterior_warmup_steps: int = 0
 
     ranges = {"grad_accum": Range(1), "zero_stage": Range(0, 3), "ema_decay": PROBABILITY, "eval_batches": Range(1),
-              "threads": NON_NEGATIVE, "embedding_lr": NON_NEGATIVE, "schedule_lr": NON_NEGATIVE}
+              "threads": NON_NEGATIVE, "embedding_lr": NON_NEGATIVE, "schedule_lr": NON_NEGATIVE,
+              "posterior_warmup_steps": NON_NEGATIVE}
 
 
 # the small networks of the teacher and the classifiers

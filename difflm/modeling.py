@@ -115,6 +115,8 @@ class TextDiffusionModel(PreTrainedModel):
         self.time_warp = TimeWarp(config.time_warp_bins) if config.time_warp_bins else None
         if getattr(config, "explicit_length", False):  # log p(n) of the n = 0..L non-PAD positions (set_lengths)
             self.register_buffer("length_log_prob", torch.full((config.seq_len + 1,), -math.log(config.seq_len + 1)))
+        # training only: a 0-dim tensor that scales the posterior logits (train.posterior_warmup_steps); None: 1
+        self.posterior_scale: Optional[torch.Tensor] = None
         self.post_init()
 
     def _init_weights(self, module):
@@ -241,7 +243,10 @@ class TextDiffusionModel(PreTrainedModel):
             return (out, None) if return_logits else out
         logits = out.float()
         if getattr(self.config, "posterior_logits", False):
-            logits = logits + self.posterior_logits(x_t, t)
+            posterior = self.posterior_logits(x_t, t)
+            if self.training and self.posterior_scale is not None:  # warming up (train.posterior_warmup)
+                posterior = self.posterior_scale * posterior
+            logits = logits + posterior
         if pad is not None:  # PAD where given (softmax exactly one-hot), never elsewhere
             is_pad = torch.arange(logits.shape[-1], device=logits.device) == self.config.pad_id  # (V,)
             logits = torch.where(pad[..., None], torch.where(is_pad, 0.0, -1e4), logits.masked_fill(is_pad, -1e4))

@@ -250,6 +250,9 @@ def _check_recipe(cfg: Config) -> None:
                           f"it contradicts diffusion.schedule={d.schedule}" + (
                               f" with diffusion.num_steps={d.num_steps}" if d.num_steps is not None else "") +
                           ": use diffusion.schedule=learned (or logsnr-linear) and diffusion.num_steps=null")
+    if cfg.train.posterior_warmup_steps and not m.posterior_logits:
+        raise DifflmError(f"train.posterior_warmup_steps={cfg.train.posterior_warmup_steps} warms up the posterior logits; "
+                          f"it needs model.posterior_logits=true (or set it to 0)")
     if m.explicit_length and d.prediction != "x0":
         raise DifflmError(f"model.explicit_length gives the PAD positions' x0 exactly; it contradicts "
                           f"diffusion.prediction={d.prediction}: set diffusion.prediction=x0")
@@ -323,8 +326,10 @@ def train(cfg: Config, show_progress: bool = True, resume: bool = False, overwri
 
     metrics_path = out / "metrics.jsonl" if main else Path(os.devnull)
     start = restore(state, cfg, model, ema, engine, data, g, metrics_path) if state else 0
+    update_ema, warm_up = ema_updater(engine, ema, model), posterior_warmup(model, t.posterior_warmup_steps, start)
     result = run_loop(engine, next_loss, evaluate, save, t, metrics_path, show_progress=show_progress and main,
-                      after_step=ema_updater(engine, ema, model), start_step=start,
+                      after_step=update_ema if warm_up is None else lambda s: (update_ema(s), warm_up(s + 1)),
+                      start_step=start,
                       saved=f"checkpoint saved in {out / 'checkpoint'}", resumable=True)
     last_dev = result.last_eval.get("dev_loss_ema", float("nan"))
     log.info("trained %d steps in %.1f min; dev loss (EMA) %.4f; model saved to %s",
@@ -361,6 +366,24 @@ def ema_updater(engine, ema: EMA, model: torch.nn.Module) -> Callable[[int], Non
         with engine.gathered(model.parameters()):
             ema.update(model, step)
 
+    return update
+
+
+def posterior_warmup(model: torch.nn.Module, steps: int, start: int) -> Optional[Callable[[int], None]]:
+    """train.posterior_warmup_steps (Plaid's output-bias warm-up): in training the posterior logits are added at
+    the weight min(1, n / steps) after n steps, so that a new network is not pinned at first to the per-position
+    posterior, the best it can do without context; evaluation, the EMA copy and the saved model use weight 1.
+    Returns the update to call with the number of steps done (None for steps = 0); the weight follows from the
+    step alone, so a resumed run takes it up exactly. The weight is a 0-dim tensor changed in place, so a compiled
+    network reads it as an input and is not traced again."""
+    if not steps:
+        return None
+    model.posterior_scale = torch.zeros((), device=model.embedding.weight.device)
+
+    def update(done: int) -> None:
+        model.posterior_scale.fill_(min(1.0, done / steps))
+
+    update(start)
     return update
 
 

@@ -225,6 +225,9 @@ def test_a_network_that_reads_the_log_snr_follows_the_schedule_not_t(tokenizer, 
     (["model.objective=likelihood"], "unknown model.objective 'likelihood'"),
     (["train.schedule_lr=1e-2"], "diffusion.schedule=sqrt has no parameters"),
     (["model.self_condition_rows=0.25"], "it needs model.self_condition=true"),
+    (["train.posterior_warmup_steps=100"], "it needs model.posterior_logits=true"),
+    ([*(f"{k}={v}" for k, v in ELBO.items()), "train.posterior_warmup_steps=-1"],
+     "train.posterior_warmup_steps must be"),
     (["model.self_condition=true", "model.self_condition_rows=0"], "model.self_condition_rows must be in (0, 1]"),
     (["model.self_condition=true", "model.self_condition_rows=1.5"], "model.self_condition_rows must be in (0, 1]"),
 ])
@@ -361,3 +364,23 @@ def test_a_zero_initialised_head_starts_as_the_posterior_and_trains(tokenizer, t
     loaded, _ = load_model(tmp_path / "m")
     assert loaded.config.zero_init_output
     torch.testing.assert_close(loaded.output_proj[-1].weight, head.weight)
+
+
+def test_the_posterior_logits_warm_up_in_training_only(tokenizer):
+    """train.posterior_warmup_steps (Plaid's bias warm-up): after n of W steps a training forward adds the posterior
+    logits at weight n / W (then 1); evaluation adds them whole; the weight follows the step, also on resume."""
+    from difflm.train import posterior_warmup
+
+    torch.manual_seed(0)
+    model = small_model(tokenizer, **ELBO, **{"model.dropout": "0"})
+    x, t = torch.randn(2, 16, 8), torch.tensor([0.2, 0.7])
+    with torch.no_grad():
+        net = model.eval()(x, t, return_logits=True)[1] - model.posterior_logits(x, t)
+        assert posterior_warmup(model, 0, 0) is None and model.posterior_scale is None
+        update = posterior_warmup(model, 4, start=1)  # a run resumed after one step
+        assert float(model.posterior_scale) == 0.25
+        for done, weight in ((1, 0.25), (0, 0.0), (3, 0.75), (4, 1.0), (9, 1.0)):
+            update(done)
+            torch.testing.assert_close(model.train()(x, t, return_logits=True)[1],
+                                       net + weight * model.posterior_logits(x, t))
+            torch.testing.assert_close(model.eval()(x, t, return_logits=True)[1], net + model.posterior_logits(x, t))

@@ -41,7 +41,8 @@ def kill_after_first_checkpoint(out, extra):
     assert proc.returncode == -signal.SIGKILL
 
 
-LIKELIHOOD = [*(f"{k}={v}" for k, v in ELBO.items()), "train.embedding_lr=1e-2", "train.schedule_lr=1e-2"]
+LIKELIHOOD = [*(f"{k}={v}" for k, v in ELBO.items()), "train.embedding_lr=1e-2", "train.schedule_lr=1e-2",
+              "train.posterior_warmup_steps=200"]  # the posterior's weight, a function of the step, resumes too
 
 
 @pytest.mark.parametrize("extra", [["train.engine=torch"], LIKELIHOOD, ["train.engine=deepspeed"],
