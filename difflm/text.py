@@ -252,12 +252,13 @@ def _training_model_fn(model: TextDiffusionModel, generator: Optional[torch.Gene
     def model_fn(x_t, t):
         x0_self = None
         n = None if lengths is None else lengths[: x_t.shape[0]]  # the batch's first rows (text_elbo's reconstruction)
-        if use:
-            rows = None if share is None else torch.rand(x_t.shape[0], generator=generator, device=device) < share
-            x0_self = _first_estimate(model, x_t, t, attributes, n) if rows is None else torch.zeros_like(x_t)
-            if rows is not None and rows.any():
-                pick = [None if v is None else v[rows] for v in (x_t, t, attributes, n)]
-                x0_self[rows] = _first_estimate(model, *pick)
+        if use and share is None:  # every row
+            x0_self = _first_estimate(model, x_t, t, attributes, n)
+        elif use:  # the rows drawn now; zeros for the rest
+            rows = torch.rand(x_t.shape[0], generator=generator, device=device) < share
+            x0_self = torch.zeros_like(x_t)
+            if rows.any():
+                x0_self[rows] = _first_estimate(model, *[None if v is None else v[rows] for v in (x_t, t, attributes, n)])
         out, out_logits = model(x_t, t, x0_self=x0_self, attributes=attributes, return_logits=True, lengths=n)
         if out_logits is not None and logits is not None:
             logits.append(out_logits)
