@@ -58,7 +58,8 @@ def architecture(config) -> dict:
 def summary(kind: str, a: dict) -> str:
     """One sentence on what a model is, from its architecture facts."""
     if kind == "diffusion":
-        recipe = [f"output={a['output']}"] + ["normalised embeddings"] * bool(a.get("embedding_norm")) \
+        recipe = [f"output={a['output']}"] + ["pre-LN blocks"] * (a.get("denoiser", "bert") == "prenorm") \
+            + ["normalised embeddings"] * bool(a.get("embedding_norm")) \
             + ["self-conditioning"] * bool(a.get("self_condition")) \
             + ([f"on {a['self_condition_rows']:g} of the rows"] if a.get("self_condition_rows") is not None else []) \
             + ["zero-initialised head"] * bool(a.get("zero_init_output")) \

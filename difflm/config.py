@@ -115,6 +115,7 @@ class DataConfig(Section):
 OUTPUTS = ("embedding", "logits")
 OBJECTIVES = ("weighted", "elbo")
 TIME_INPUTS = ("t", "log_snr")
+DENOISERS = ("bert", "prenorm")
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class ModelConfig(Section):
     intermediate_size: int = 512
     dropout: float = 0.1
     attn_implementation: str = "sdpa"
+    denoiser: str = "bert"  # bert (post-LN, Diffusion-LM's) or prenorm (LayerNorm before each sublayer: GPT-2, Plaid)
     self_condition: bool = False  # feed the previous x0 estimate back in (not in Diffusion-LM's recipe)
     attributes: bool = False  # condition on the meaning representation's field=value pairs (classifier-free guidance)
     attribute_dropout: float = 0.5  # each attribute dropped at random in training (so any subset can be asked for)
@@ -168,6 +170,8 @@ class ModelConfig(Section):
         if self.sample_temperature != 1 and self.output != "logits":
             raise DifflmError(f"model.sample_temperature={self.sample_temperature:g} needs model.output=logits (it "
                               f"sharpens softmax(logits / T) E); this model has model.output={self.output}")
+        if self.denoiser not in DENOISERS:
+            raise DifflmError(f"unknown model.denoiser {self.denoiser!r}; choose one of {', '.join(DENOISERS)}")
         if self.time_input not in TIME_INPUTS:
             raise DifflmError(f"unknown model.time_input {self.time_input!r}; choose one of {', '.join(TIME_INPUTS)}")
         if self.objective not in OBJECTIVES:

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedModel
+from transformers import (BertConfig, BertModel, PretrainedConfig, PreTrainedModel, RobertaPreLayerNormConfig,
+                          RobertaPreLayerNormModel)
 
 from .diffusion import GaussianDiffusion, TimeWarp
 from .errors import DifflmError
@@ -36,7 +37,8 @@ class TextDiffusionConfig(PretrainedConfig):
                  time_warp_bins: int = 0, mse_weight: float = 1.0, ce_weight: float = 0.0,
                  sample_temperature: float = 1.0, objective: str = "weighted", posterior_logits: bool = False,
                  explicit_length: bool = False, log_snr_max_floor: Optional[float] = None, time_input: str = "t",
-                 self_condition_rows: Optional[float] = None, zero_init_output: bool = False, **kwargs):
+                 self_condition_rows: Optional[float] = None, zero_init_output: bool = False,
+                 denoiser: str = "bert", **kwargs):
         self.vocab_size, self.seq_len, self.embed_dim = vocab_size, seq_len, embed_dim
         self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
         self.intermediate_size, self.dropout = intermediate_size, dropout
@@ -58,18 +60,31 @@ class TextDiffusionConfig(PretrainedConfig):
         self.time_input = time_input  # t or log_snr: the noise level the network reads (TextDiffusionModel.noise_input)
         self.self_condition_rows = self_condition_rows  # None: half the batches self-condition; p: that share of rows
         self.zero_init_output = zero_init_output  # the head's last layer starts at zero (TextDiffusionModel)
+        self.denoiser = denoiser  # bert (post-LN, Diffusion-LM's) or prenorm (pre-LN; denoiser_config)
         super().__init__(**kwargs)
 
     def build_schedule(self):
         return get_schedule(self.schedule, self.log_snr_max, self.log_snr_min, self.noise_scale,
                             getattr(self, "log_snr_max_floor", None))
 
-    def denoiser_config(self) -> BertConfig:
-        return BertConfig(vocab_size=1, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
-                          num_attention_heads=self.num_heads, intermediate_size=self.intermediate_size,
-                          hidden_dropout_prob=self.dropout, attention_probs_dropout_prob=self.dropout,
-                          max_position_embeddings=self.seq_len, type_vocab_size=1,
-                          attn_implementation=self.denoiser_attn)
+    def denoiser_config(self) -> PretrainedConfig:
+        """The transformer's config. `bert`: BERT's post-LN encoder (Diffusion-LM's denoiser; LayerNorm after each
+        residual sum). `prenorm`: the same encoder with the LayerNorm before each sublayer and one after the last
+        (transformers' RobertaPreLayerNorm; the residual stream is never normalised), the block of GPT-2, CDCD and
+        Plaid, reported to train at higher learning rates without warm-up trouble (Xiong et al. 2020). Both add
+        learned absolute positions and a LayerNorm to the input."""
+        common = dict(vocab_size=1, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
+                      num_attention_heads=self.num_heads, intermediate_size=self.intermediate_size,
+                      hidden_dropout_prob=self.dropout, attention_probs_dropout_prob=self.dropout,
+                      type_vocab_size=1, attn_implementation=self.denoiser_attn)
+        if getattr(self, "denoiser", "bert") == "prenorm":  # positions 1..L (0 is the position padding index)
+            return RobertaPreLayerNormConfig(max_position_embeddings=self.seq_len + 1, pad_token_id=0,
+                                             bos_token_id=None, eos_token_id=None, **common)
+        return BertConfig(max_position_embeddings=self.seq_len, **common)
+
+    def build_denoiser(self) -> PreTrainedModel:
+        kind = RobertaPreLayerNormModel if getattr(self, "denoiser", "bert") == "prenorm" else BertModel
+        return kind(self.denoiser_config(), add_pooling_layer=False)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
@@ -107,7 +122,7 @@ class TextDiffusionModel(PreTrainedModel):
         self.time_embed = TimeEmbedding(h)
         # a multi-hot attribute vector, added to the time embedding; all zeros is the unconditional model
         self.attribute_embed = nn.Linear(len(config.attributes), h, bias=False) if config.attributes else None
-        self.denoiser = BertModel(config.denoiser_config(), add_pooling_layer=False)
+        self.denoiser = config.build_denoiser()
         # the head: x0 itself (Diffusion-LM), or logits over the vocabulary whose expected embedding is x0 (CDCD)
         out = config.vocab_size if config.output == "logits" else d
         self.output_proj = nn.Sequential(nn.Linear(h, h), nn.Tanh(), nn.Linear(h, out))

@@ -101,7 +101,7 @@ def model_config(cfg: Config, vocab_size: int, special: tuple = (0, 1, 2),
                                objective=m.objective, posterior_logits=m.posterior_logits,
                                explicit_length=m.explicit_length, log_snr_max_floor=d.log_snr_max_floor,
                                time_input=m.time_input, self_condition_rows=m.self_condition_rows,
-                               zero_init_output=m.zero_init_output)
+                               zero_init_output=m.zero_init_output, denoiser=m.denoiser)
 
 
 def build_model(cfg: Config, tokenizer, attributes: Optional[List[str]] = None) -> TextDiffusionModel:

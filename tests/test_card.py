@@ -31,7 +31,7 @@ def test_card_facts_match_the_config(tiny_run):
     arch, data, tr = facts["architecture"], facts["data"], facts["training"]
     for key in ("embed_dim", "hidden_size", "num_layers", "num_heads", "intermediate_size", "self_condition",
                 "output", "embedding_norm", "mse_weight", "ce_weight", "time_input",
-                "self_condition_rows", "zero_init_output"):
+                "self_condition_rows", "zero_init_output", "denoiser"):
         assert arch[key] == getattr(cfg.model, key), key
     for key in ("schedule", "num_steps", "prediction", "time_warp_bins", "noise_scale", "log_snr_max_floor"):
         assert arch[key] == getattr(cfg.diffusion, key), key
@@ -128,3 +128,12 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, capsys, m
     assert_user_error(capsys, ["train", "--config", TINY, f"train.out_dir={out}", "train.tensorboard=true"],
                       "pip install 'difflm[tensorboard]'", out_dir=out)
     assert not out.exists()
+
+
+def test_the_summary_names_the_denoiser_blocks():
+    from difflm.card import architecture, summary
+    from difflm.modeling import TextDiffusionConfig
+
+    plain = summary("diffusion", architecture(TextDiffusionConfig()))
+    assert "pre-LN" not in plain
+    assert "pre-LN blocks" in summary("diffusion", architecture(TextDiffusionConfig(denoiser="prenorm")))

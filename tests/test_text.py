@@ -102,6 +102,41 @@ def test_save_and_load_round_trip(tokenizer, tmp_path):
     assert not list(tmp_path.glob(".m.*"))  # no temporary directory left behind
 
 
+@pytest.mark.parametrize("denoiser", ["bert", "prenorm"])
+def test_the_denoiser_blocks_normalise_after_or_before_each_sublayer(tokenizer, tmp_path, denoiser):
+    """model.denoiser: BERT's blocks end in a LayerNorm, so every block's output is normalised per position (mean
+    0, std 1 at initialisation); pre-LN blocks (RobertaPreLayerNorm) normalise each sublayer's input and leave the
+    residual stream as it is, with one LayerNorm after the last block. Both train every block and round-trip."""
+    torch.manual_seed(0)
+    model = small_model(tokenizer, **{"model.denoiser": denoiser, "model.dropout": "0"})
+    kind = {"bert": "BertModel", "prenorm": "RobertaPreLayerNormModel"}[denoiser]
+    assert type(model.denoiser).__name__ == kind
+    outputs = []
+    hook = model.denoiser.encoder.layer[0].register_forward_hook(lambda m, i, o: outputs.append(o[0] if
+                                                                                                isinstance(o, tuple) else o))
+    ids, _ = encode(TEXTS * 4, tokenizer, 16)
+    losses = text_loss(model, ids, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    h = outputs[0].detach()
+    normalised = torch.allclose(h.mean(-1), torch.zeros(()), atol=1e-4) and \
+        torch.allclose(h.var(-1, unbiased=False), torch.ones(()), atol=1e-3)
+    assert normalised == (denoiser == "bert")
+    losses.loss.backward()
+    for layer in model.denoiser.encoder.layer:
+        assert layer.attention.self.query.weight.grad.abs().sum() > 0
+        assert layer.output.dense.weight.grad.abs().sum() > 0
+    save_model(model.eval(), tokenizer, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.config.denoiser == denoiser
+    x, t = torch.randn(2, 16, 8), torch.tensor([0.3, 0.9])
+    torch.testing.assert_close(loaded(x, t), model(x, t))
+
+
+def test_an_unknown_denoiser_is_refused(tokenizer):
+    with pytest.raises(DifflmError, match="unknown model.denoiser 'gpt'; choose one of bert, prenorm"):
+        small_model(tokenizer, **{"model.denoiser": "gpt"})
+
+
 def test_load_model_rejects_other_directories(tmp_path):
     with pytest.raises(DifflmError, match="does not exist"):
         load_model(tmp_path / "nope")
