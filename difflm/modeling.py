@@ -77,14 +77,16 @@ class TextDiffusionConfig(PretrainedConfig):
                       num_attention_heads=self.num_heads, intermediate_size=self.intermediate_size,
                       hidden_dropout_prob=self.dropout, attention_probs_dropout_prob=self.dropout,
                       type_vocab_size=1, attn_implementation=self.denoiser_attn)
-        if getattr(self, "denoiser", "bert") == "prenorm":  # positions 1..L (0 is the position padding index)
+        if self.denoiser == "prenorm":  # positions 1..L (0 is the position padding index)
             return RobertaPreLayerNormConfig(max_position_embeddings=self.seq_len + 1, pad_token_id=0,
                                              bos_token_id=None, eos_token_id=None, **common)
         return BertConfig(max_position_embeddings=self.seq_len, **common)
 
     def build_denoiser(self) -> PreTrainedModel:
-        kind = RobertaPreLayerNormModel if getattr(self, "denoiser", "bert") == "prenorm" else BertModel
-        return kind(self.denoiser_config(), add_pooling_layer=False)
+        """The transformer of `denoiser_config`, the model class that its config class names."""
+        config = self.denoiser_config()
+        kind = RobertaPreLayerNormModel if isinstance(config, RobertaPreLayerNormConfig) else BertModel
+        return kind(config, add_pooling_layer=False)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:

@@ -112,8 +112,8 @@ def test_the_denoiser_blocks_normalise_after_or_before_each_sublayer(tokenizer, 
     kind = {"bert": "BertModel", "prenorm": "RobertaPreLayerNormModel"}[denoiser]
     assert type(model.denoiser).__name__ == kind
     outputs = []
-    hook = model.denoiser.encoder.layer[0].register_forward_hook(lambda m, i, o: outputs.append(o[0] if
-                                                                                                isinstance(o, tuple) else o))
+    first = model.denoiser.encoder.layer[0]
+    hook = first.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
     ids, _ = encode(TEXTS * 4, tokenizer, 16)
     losses = text_loss(model, ids, generator=torch.Generator().manual_seed(0))
     hook.remove()
