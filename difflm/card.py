@@ -9,6 +9,7 @@ was, hand edits included. `difflm info` prints the facts (`read_card`).
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from pathlib import Path
@@ -133,6 +134,22 @@ def read_card(model_dir) -> Tuple[dict, str]:
         raise DifflmError(f"{path} is not a difflm model card (no `difflm` facts in its YAML metadata); "
                           f"it was not written by difflm")
     return meta, m.group(2)
+
+
+def warn_if_unfinished(model_dir) -> None:
+    """Log a warning where the card of a model directory says its training stopped before train.max_steps: a
+    run's `model/` is rewritten at every save_every, so a run still going (or stopped, or cut by
+    train.max_minutes) leaves an intermediate model there that would otherwise be scored as the final one.
+    Directories without a readable card (saved before cards existed) pass silently."""
+    try:
+        training = read_card(model_dir)[0]["difflm"].get("training") or {}
+    except (DifflmError, OSError, yaml.YAMLError):
+        return
+    steps, max_steps = training.get("steps"), training.get("max_steps")
+    if isinstance(steps, int) and isinstance(max_steps, int) and steps < max_steps:
+        logging.getLogger("difflm").warning(
+            "%s was saved at step %d of %d: its training is still running, was stopped, or hit train.max_minutes; "
+            "the figures are of that intermediate model", model_dir, steps, max_steps)
 
 
 def add_section(model_dir, name: str, title: str, figures: dict, command: str = "") -> None:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedModel
 
-from .card import CardedRun
+from .card import CardedRun, warn_if_unfinished
 from .config import Config, save_config
 from .curves import require_tensorboard
 from .data import mr_values, parse_mr, special_ids
@@ -300,6 +300,7 @@ def load_classifier(path: str, model=None, device="cpu") -> NoisyClassifier:
         raise DifflmError(f"{path} is not a classifier directory; train one with `difflm train-classifier`")
     with loading(path, "classifier"):
         clf = NoisyClassifier.from_pretrained(p, local_files_only=True).to(device).eval().requires_grad_(False)
+    warn_if_unfinished(p)
     if model is not None and clf.config.diffusion_fingerprint != model_fingerprint(model):
         raise DifflmError(f"classifier {path} was trained for another diffusion model (its embeddings or schedule "
                           f"differ); train one for this model with `difflm train-classifier --model`")

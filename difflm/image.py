@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from .card import warn_if_unfinished
 from .config import Config, DataConfig, positive_ints
 from .diffusion import ELBOTerms, GaussianDiffusion, _bcast, _sum_except_batch
 from .errors import DifflmError, loading
@@ -380,7 +381,9 @@ def load_image_model(path, device="cpu") -> ImageDiffusionModel:
     if not is_image_model(path):
         raise DifflmError(f"{path} is not a difflm image model directory; train one with data.modality=image")
     with loading(path, "image model"):
-        return ImageDiffusionModel.from_pretrained(Path(path), local_files_only=True).to(device).eval()
+        model = ImageDiffusionModel.from_pretrained(Path(path), local_files_only=True).to(device).eval()
+    warn_if_unfinished(path)
+    return model
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .card import CardedRun
+from .card import CardedRun, warn_if_unfinished
 from .config import Config, save_config
 from .curves import require_tensorboard
 from .data import encode, special_ids
@@ -108,6 +108,7 @@ def load_teacher(path: str, tokenizer=None, device="cpu"):
     with loading(path, "teacher (a Hugging Face causal LM)"):
         teacher = AutoModelForCausalLM.from_pretrained(p, local_files_only=True).to(device).eval()
         teacher_tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    warn_if_unfinished(p)
     if tokenizer is not None and teacher_tok.get_vocab() != tokenizer.get_vocab():
         raise DifflmError(f"teacher {path} uses a different tokenizer from the model (vocabularies differ: "
                           f"{len(teacher_tok)} vs {len(tokenizer)} tokens); train it with `difflm train-teacher "

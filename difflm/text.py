@@ -10,6 +10,7 @@ from typing import Callable, List, NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .card import warn_if_unfinished
 from .data import attribute_vectors, decode
 from .diffusion import ELBOTerms, VarianceGradient
 from .errors import DifflmError, loading
@@ -536,6 +537,7 @@ def load_model(path, device="cpu"):
     with loading(p, "diffusion model"):
         model = TextDiffusionModel.from_pretrained(p, local_files_only=True).to(device)
         tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    warn_if_unfinished(p)
     check = getattr(model.diffusion.schedule, "check_endpoints", None)
     if check is not None:  # a learned schedule: refuse one whose endpoints training moved across each other
         check(f"model {path}")

@@ -137,3 +137,20 @@ def test_the_summary_names_the_denoiser_blocks():
     plain = summary("diffusion", architecture(TextDiffusionConfig()))
     assert "pre-LN" not in plain
     assert "pre-LN blocks" in summary("diffusion", architecture(TextDiffusionConfig(denoiser="prenorm")))
+
+
+def test_loading_an_unfinished_run_warns(tiny_run, tmp_path, caplog):
+    """A run's model/ is rewritten at every save_every: a model saved before max_steps says so when loaded."""
+    from difflm.text import load_model
+
+    with caplog.at_level("WARNING", logger="difflm"):
+        load_model(tiny_run / "model")
+    assert "was saved at step" not in caplog.text
+    partial = tmp_path / "model"
+    shutil.copytree(tiny_run / "model", partial)
+    steps = card_meta(partial)["difflm"]["training"]["max_steps"]
+    card = (partial / CARD).read_text()
+    (partial / CARD).write_text(card.replace(f"\n    steps: {steps}\n", "\n    steps: 1\n", 1))
+    with caplog.at_level("WARNING", logger="difflm"):
+        load_model(partial)
+    assert f"was saved at step 1 of {steps}" in caplog.text
