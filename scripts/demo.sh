@@ -6,6 +6,6 @@ bash scripts/setup.sh
 source .venv/bin/activate
 start=$(date +%s)
 difflm train --config configs/demo.yaml "$@"
-difflm generate --model runs/demo --num-samples 200 --steps 200 --out runs/demo/samples.jsonl --show 10
+difflm generate --model runs/demo --num-samples 200 --steps 200 --sampler ddim --eta 2 --out runs/demo/samples.jsonl --show 10
 difflm check-grammar --samples runs/demo/samples.jsonl
 echo "demo: train + generate took $(( $(date +%s) - start )) s; samples in runs/demo/samples.jsonl"
