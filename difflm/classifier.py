@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from .card import CardedRun, warn_if_unfinished
 from .config import Config, save_config
@@ -34,7 +34,7 @@ from .data import mr_values, parse_mr, special_ids
 from .engines import TorchEngine
 from .files import check_out_dir, start_out_dir
 from .errors import DifflmError, loading
-from .modeling import TimeEmbedding, model_type, register_auto_classes
+from .modeling import TimeEmbedding, build_encoder, model_type, register_auto_classes
 from .tagging import POS_TAGS
 from .text import embed_with_noise
 from .runtime import resolve_device
@@ -91,12 +91,8 @@ class NoisyClassifier(PreTrainedModel):
         h = config.hidden_size
         self.input_proj = nn.Linear(config.embed_dim, h)
         self.time_embed = TimeEmbedding(h)
-        self.encoder = BertModel(BertConfig(vocab_size=1, hidden_size=h, num_hidden_layers=config.num_layers,
-                                            num_attention_heads=config.num_heads, intermediate_size=4 * h,
-                                            hidden_dropout_prob=config.dropout,
-                                            attention_probs_dropout_prob=config.dropout,
-                                            max_position_embeddings=config.seq_len, type_vocab_size=1,
-                                            attn_implementation="sdpa"), add_pooling_layer=False)
+        self.encoder = build_encoder("bert", h, config.num_layers, config.num_heads, 4 * h, config.dropout,
+                                     config.seq_len)
         if config.task == "syntax":
             self.left, self.right = nn.Linear(h, config.span_dim), nn.Linear(h, config.span_dim)
             self.head = nn.Sequential(nn.GELU(), nn.Linear(config.span_dim, config.num_outputs))

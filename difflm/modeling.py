@@ -60,33 +60,35 @@ class TextDiffusionConfig(PretrainedConfig):
         self.time_input = time_input  # t or log_snr: the noise level the network reads (TextDiffusionModel.noise_input)
         self.self_condition_rows = self_condition_rows  # None: half the batches self-condition; p: that share of rows
         self.zero_init_output = zero_init_output  # the head's last layer starts at zero (TextDiffusionModel)
-        self.denoiser = denoiser  # bert (post-LN, Diffusion-LM's) or prenorm (pre-LN; denoiser_config)
+        self.denoiser = denoiser  # bert (post-LN, Diffusion-LM's) or prenorm (pre-LN; build_encoder)
         super().__init__(**kwargs)
 
     def build_schedule(self):
         return get_schedule(self.schedule, self.log_snr_max, self.log_snr_min, self.noise_scale,
                             getattr(self, "log_snr_max_floor", None))
 
-    def denoiser_config(self) -> PretrainedConfig:
-        """The transformer's config. `bert`: BERT's post-LN encoder (Diffusion-LM's denoiser; LayerNorm after each
-        residual sum). `prenorm`: the same encoder with the LayerNorm before each sublayer and one after the last
-        (transformers' RobertaPreLayerNorm; the residual stream is never normalised), the block of GPT-2, CDCD and
-        Plaid, reported to train at higher learning rates without warm-up trouble (Xiong et al. 2020). Both add
-        learned absolute positions and a LayerNorm to the input."""
-        common = dict(vocab_size=1, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
-                      num_attention_heads=self.num_heads, intermediate_size=self.intermediate_size,
-                      hidden_dropout_prob=self.dropout, attention_probs_dropout_prob=self.dropout,
-                      type_vocab_size=1, attn_implementation=self.denoiser_attn)
-        if self.denoiser == "prenorm":  # positions 1..L (0 is the position padding index)
-            return RobertaPreLayerNormConfig(max_position_embeddings=self.seq_len + 1, pad_token_id=0,
-                                             bos_token_id=None, eos_token_id=None, **common)
-        return BertConfig(max_position_embeddings=self.seq_len, **common)
-
     def build_denoiser(self) -> PreTrainedModel:
-        """The transformer of `denoiser_config`, the model class that its config class names."""
-        config = self.denoiser_config()
-        kind = RobertaPreLayerNormModel if isinstance(config, RobertaPreLayerNormConfig) else BertModel
-        return kind(config, add_pooling_layer=False)
+        """The transformer between the input projection and the head (`build_encoder` of `denoiser`)."""
+        return build_encoder(self.denoiser, self.hidden_size, self.num_layers, self.num_heads, self.intermediate_size,
+                             self.dropout, self.seq_len, self.denoiser_attn)
+
+
+def build_encoder(kind: str, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,
+                  dropout: float, seq_len: int, attn: str = "sdpa") -> PreTrainedModel:
+    """A transformer encoder on input embeddings (no vocabulary, no pooler), for the denoiser and the noisy-latent
+    classifiers. `bert`: BERT's post-LN encoder (Diffusion-LM's denoiser; LayerNorm after each residual sum).
+    `prenorm`: the same encoder with the LayerNorm before each sublayer and one after the last (transformers'
+    RobertaPreLayerNorm; the residual stream is never normalised), the block of GPT-2, CDCD and Plaid, reported to
+    train at higher learning rates without warm-up trouble (Xiong et al. 2020). Both add learned absolute positions
+    and a LayerNorm to the input."""
+    common = dict(vocab_size=1, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  intermediate_size=intermediate_size, hidden_dropout_prob=dropout,
+                  attention_probs_dropout_prob=dropout, type_vocab_size=1, attn_implementation=attn)
+    if kind == "prenorm":  # positions 1..L (0 is the position padding index)
+        config = RobertaPreLayerNormConfig(max_position_embeddings=seq_len + 1, pad_token_id=0, bos_token_id=None,
+                                           eos_token_id=None, **common)
+        return RobertaPreLayerNormModel(config, add_pooling_layer=False)
+    return BertModel(BertConfig(max_position_embeddings=seq_len, **common), add_pooling_layer=False)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
