@@ -78,7 +78,7 @@ def cmd_train_teacher(args) -> None:
     tokenizer = None
     cfg = _config_for_model(args)
     if args.model:
-        model, tokenizer = load_model(resolve_model_dir(args.model))
+        model, tokenizer = load_model(resolve_model_dir(args.model), warn_unfinished=False)  # its tokenizer only
         if cfg.data.seq_len != model.config.seq_len:
             raise DifflmError(f"data.seq_len={cfg.data.seq_len} differs from the model's {model.config.seq_len}")
     train_teacher(cfg, tokenizer, show_progress=not args.no_progress, overwrite=args.overwrite)

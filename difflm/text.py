@@ -524,8 +524,10 @@ def save_model(model, tokenizer, path, extra_files: Optional[dict] = None) -> No
             (tmp / name).write_text(text)
 
 
-def load_model(path, device="cpu"):
-    """(model, tokenizer) from a directory written by `save_model`; no network."""
+def load_model(path, device="cpu", warn_unfinished: bool = True):
+    """(model, tokenizer) from a directory written by `save_model`; no network. `warn_unfinished`: log a warning
+    when the card says the model was saved before train.max_steps (off where only the tokenizer and the length are
+    used: those are fixed from a run's first save)."""
     from transformers import AutoTokenizer
 
     p = Path(path)
@@ -537,7 +539,8 @@ def load_model(path, device="cpu"):
     with loading(p, "diffusion model"):
         model = TextDiffusionModel.from_pretrained(p, local_files_only=True).to(device)
         tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    warn_if_unfinished(p)
+    if warn_unfinished:
+        warn_if_unfinished(p)
     check = getattr(model.diffusion.schedule, "check_endpoints", None)
     if check is not None:  # a learned schedule: refuse one whose endpoints training moved across each other
         check(f"model {path}")

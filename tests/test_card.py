@@ -139,7 +139,7 @@ def test_the_summary_names_the_denoiser_blocks():
     assert "pre-LN blocks" in summary("diffusion", architecture(TextDiffusionConfig(denoiser="prenorm")))
 
 
-def test_loading_an_unfinished_run_warns(tiny_run, tmp_path, caplog):
+def test_loading_an_unfinished_run_warns(tiny_run, tmp_path, caplog, capsys):
     """A run's model/ is rewritten at every save_every: a model saved before max_steps says so when loaded."""
     from difflm.text import load_model
 
@@ -154,3 +154,8 @@ def test_loading_an_unfinished_run_warns(tiny_run, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="difflm"):
         load_model(partial)
     assert f"was saved at step 1 of {steps}" in caplog.text
+    # a teacher reads only the run's tokenizer and length, which an unfinished run already has: no warning
+    capsys.readouterr()  # what the loads above printed
+    code, _, err = run(capsys, "train-teacher", "--model", str(partial), f"teacher.out_dir={tmp_path / 'teacher'}",
+                       "teacher.max_steps=2", "teacher.eval_every=2", "--no-progress")
+    assert code == 0 and "teacher trained" in err and "was saved at step" not in err
