@@ -80,7 +80,8 @@ def summary(kind: str, a: dict) -> str:
     if kind == "teacher":
         return (f"A GPT-2 of {a.get('n_layer')} layers x {a.get('n_embd')} over the diffusion model's vocabulary "
                 f"({a.get('vocab_size')} words): the judge behind lm-score.")
-    return f"A {a.get('num_layers')} x {a.get('hidden_size')} classifier of noisy latents for the {a.get('task')} task."
+    reads = "the model's x0 estimates" if a.get("reads") == "x0" else "noisy latents"
+    return f"A {a.get('num_layers')} x {a.get('hidden_size')} classifier of {reads} for the {a.get('task')} task."
 
 
 def parameter_count(model) -> int:

@@ -9,6 +9,13 @@ Tasks (their labels):
 - syntax: a label for every span (i, j) of positions: the head's tag when the words form a head's subtree in
   the dependency parse (tagging.subtree_spans), else "none".
 
+What the classifier reads (classifier.reads): `x_t`, the noisy latent itself (Diffusion-LM), or `x0`, the frozen
+model's estimate x0_hat(x_t, t) as its sampler makes it (model_x0); guidance then takes the gradient of
+log p(c | x0_hat(x_t, t), t) through the denoiser, as the token constraints do. The denoiser has already done
+most of the work of reading a noisy latent, so a small classifier on its estimate is more accurate at every
+noise level (measured in docs/benchmarks.md), at the cost of the model's forward passes in training and a
+backward pass through it in guidance.
+
 The classifier records a fingerprint of the diffusion model it was trained for (its embedding, schedule and
 length): it only makes sense on that model's latents.
 """
@@ -36,7 +43,7 @@ from .files import check_out_dir, start_out_dir
 from .errors import DifflmError, loading
 from .modeling import TimeEmbedding, build_encoder, model_type, register_auto_classes
 from .tagging import POS_TAGS
-from .text import embed_with_noise
+from .text import SamplingModelFn, embed_with_noise
 from .runtime import resolve_device
 from .train import BatchStream, prepare_data, run_loop
 
@@ -60,11 +67,12 @@ class NoisyClassifierConfig(PretrainedConfig):
 
     def __init__(self, task: str = "content", fields: Optional[Dict[str, List[str]]] = None, seq_len: int = 64,
                  embed_dim: int = 16, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
-                 dropout: float = 0.1, span_dim: int = 64, diffusion_fingerprint: str = "", **kwargs):
+                 dropout: float = 0.1, span_dim: int = 64, diffusion_fingerprint: str = "", reads: str = "x_t",
+                 **kwargs):
         self.task, self.fields = task, dict(fields or {})
         self.seq_len, self.embed_dim, self.hidden_size = seq_len, embed_dim, hidden_size
         self.num_layers, self.num_heads, self.dropout, self.span_dim = num_layers, num_heads, dropout, span_dim
-        self.diffusion_fingerprint = diffusion_fingerprint
+        self.diffusion_fingerprint, self.reads = diffusion_fingerprint, reads
         super().__init__(**kwargs)
 
     def field_offsets(self) -> Dict[str, int]:
@@ -123,6 +131,17 @@ class NoisyClassifier(PreTrainedModel):
 
 
 register_auto_classes(NoisyClassifierConfig, NoisyClassifier)
+
+
+@torch.no_grad()
+def model_x0(model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The diffusion model's x0 estimate at (x_t, t) as its sampler makes it (SamplingModelFn: the model's sampling
+    temperature; with self-conditioning, fed its own first estimate at the same x_t): what a classifier with
+    reads=x0 is trained on and, in guidance, reads through the sampler's x0 estimate."""
+    fn = SamplingModelFn(model)
+    if model.config.self_condition:
+        fn(x_t, t)
+    return fn.x0(x_t, t)
 
 
 # ---- labels ------------------------------------------------------------------------------------------------------
@@ -237,7 +256,7 @@ def train_classifier(model, tokenizer, cfg: Config, task: str, show_progress: bo
     ccfg = NoisyClassifierConfig(task=task, fields=fields, seq_len=model.config.seq_len,
                                  embed_dim=model.config.embed_dim, hidden_size=c.hidden_size,
                                  num_layers=c.num_layers, num_heads=c.num_heads, dropout=c.dropout,
-                                 diffusion_fingerprint=model_fingerprint(model))
+                                 diffusion_fingerprint=model_fingerprint(model), reads=c.reads)
     clf = NoisyClassifier(ccfg).to(device).train()
     log.info("classifier (%s): %d x %d, %.2fM parameters, %d classes", task, c.num_layers, c.hidden_size,
              sum(p.numel() for p in clf.parameters()) / 1e6, ccfg.num_outputs)
@@ -251,7 +270,8 @@ def train_classifier(model, tokenizer, cfg: Config, task: str, show_progress: bo
         d = model.diffusion
         x0 = embed_with_noise(model, ids, generator).x0
         t = d.sample_t(len(ids), device, generator=generator)
-        return d.q_sample(x0, t, torch.randn(x0.shape, generator=generator, device=device)), t
+        x_t = d.q_sample(x0, t, torch.randn(x0.shape, generator=generator, device=device))
+        return (model_x0(model, x_t, t) if c.reads == "x0" else x_t), t
 
     def next_loss():
         idx = next(rows)[:, 0]

@@ -319,12 +319,15 @@ class ClassifierConfig(LoopConfig):
     num_heads: int = 4
     dropout: float = 0.1
     max_examples: int = 20000  # training texts to label (spaCy tagging is the slow part for pos and syntax)
+    reads: str = "x_t"  # x_t (the noisy latent, Diffusion-LM) or x0 (the frozen model's x0 estimate from x_t)
 
     section = "classifier"
     ranges = {**NETWORK_RANGES, "max_examples": Range(1)}
 
     def check(self) -> None:
         _divisible(self)
+        if self.reads not in ("x_t", "x0"):
+            raise DifflmError(f"classifier.reads must be x_t or x0, got {self.reads!r}")
 
 
 @dataclass(frozen=True)

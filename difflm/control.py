@@ -156,13 +156,16 @@ def _parse_spans(spec: str, n_max: int) -> list:
 
 # ---- guides ------------------------------------------------------------------------------------------------------
 class ClassifierGuide:
-    """log p(c | x_t) from a noisy classifier: a sum of the log-probabilities at flat indices into its output."""
+    """log p(c | x_t) from a noisy classifier: a sum of the log-probabilities at flat indices into its output. A
+    classifier of reads=x0 scores the model's x0 estimate x0_hat(x_t, t) (`x0_fn`), its gradient taken through the
+    denoiser."""
 
-    def __init__(self, classifier, index: torch.Tensor, mask: torch.Tensor):
+    def __init__(self, classifier, index: torch.Tensor, mask: torch.Tensor, x0_fn: Optional[Callable] = None):
         self.classifier, self.index, self.mask = classifier, index, mask
+        self.x0_fn = x0_fn if getattr(classifier.config, "reads", "x_t") == "x0" else None
 
     def log_prob(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logp = self.classifier.log_probs(x, t).flatten(1)
+        logp = self.classifier.log_probs(x if self.x0_fn is None else self.x0_fn(x, t), t).flatten(1)
         return (logp.gather(1, self.index.clamp(min=0)) * self.mask).sum(1)
 
 
@@ -261,7 +264,7 @@ def make_control(targets: Dict[str, List[Target]], ctx: ControlContext):
                 idx = [classifier_index(r, clf, L) for r in rows]
                 k = max(len(i) for i in idx)
                 index = torch.tensor([i + [-1] * (k - len(i)) for i in idx], device=device)
-                guides.append((ClassifierGuide(clf, index, (index >= 0).to(weight.dtype)), g.classifier_weight))
+                guides.append((ClassifierGuide(clf, index, (index >= 0).to(weight.dtype), model_fn.x0), g.classifier_weight))
             if task not in CLASSIFIED or (task in IMPLYING_LENGTH and g.implied_length):
                 parts = [token_constraints(r, ctx) for r in rows]
                 f, allowed, constrained = (torch.stack(p).to(device) for p in zip(*parts))

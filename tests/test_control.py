@@ -143,6 +143,27 @@ def test_classifier_outputs_and_loss(task):
     assert all(p.grad is not None for p in clf.head.parameters())
 
 
+def test_a_classifier_that_reads_x0_scores_the_models_estimate():
+    """classifier.reads=x0: the guide scores x0_fn(x_t, t), its gradient taken through x0_fn; an x_t classifier
+    ignores x0_fn."""
+    from difflm.control import ClassifierGuide
+
+    cfg = dict(task="pos", seq_len=6, embed_dim=4, hidden_size=16, num_layers=1, num_heads=2)
+    x, t = torch.randn(2, 6, 4), torch.tensor([0.2, 0.7])
+    index, mask = torch.tensor([[3, 30], [5, -1]]), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    x0_fn = lambda v, s: 2 * v.flip(1)  # noqa: E731  any differentiable estimate
+    for reads, seen in (("x0", x0_fn(x, t)), ("x_t", x)):
+        clf = NoisyClassifier(NoisyClassifierConfig(reads=reads, **cfg)).eval()
+        got = ClassifierGuide(clf, index, mask, x0_fn)
+        with torch.no_grad():
+            want = (clf.log_probs(seen, t).flatten(1).gather(1, index.clamp(min=0)) * mask).sum(1)
+        x_in = x.clone().requires_grad_(True)
+        value = got.log_prob(x_in, t)
+        torch.testing.assert_close(value.detach(), want)
+        (grad,) = torch.autograd.grad(value.sum(), x_in)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 # ---- targets and their bad inputs --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ctx(tiny_run):
@@ -285,6 +306,39 @@ def test_train_classifier_control_and_eval_control(tiny_run, tmp_path, capsys):
     clf_facts = read_card(clf_dir / "model")[0]["difflm"]
     assert clf_facts["kind"] == "classifier" and clf_facts["architecture"]["task"] == "content"
     assert "final_dev_accuracy" in clf_facts["training"]
+
+
+def test_a_classifier_on_the_models_x0_estimate_trains_and_guides(tiny_run, tmp_path, capsys, monkeypatch):
+    """train-classifier classifier.reads=x0: trained on the frozen model's x0 estimates (not on x_t), saved with
+    the setting, and used by control through the sampler's estimate."""
+    import difflm.classifier as classifier_module
+
+    calls = []
+    original = classifier_module.model_x0
+
+    def counting(model, x_t, t):
+        calls.append(x_t.shape)
+        return original(model, x_t, t)
+
+    clf_dir = tmp_path / "clf"
+    monkeypatch.setattr(classifier_module, "model_x0", counting)
+    code, _, err = run(capsys, "train-classifier", "--model", str(tiny_run), "--task", "content",
+                       f"classifier.out_dir={clf_dir}", "classifier.reads=x0", "classifier.max_steps=3",
+                       "--no-progress")
+    assert code == 0, err
+    assert len(calls) >= 3  # every training step (and the evaluation) reads the model's estimate
+    assert load_classifier(str(clf_dir), load_model(tiny_run / "model")[0]).config.reads == "x0"
+    assert "classifier of the model's x0 estimates for the content task" in (clf_dir / "model" / "README.md").read_text()
+    out = tmp_path / "c.jsonl"
+    code, _, err = run(capsys, "control", "--model", str(tiny_run), "--classifier", str(clf_dir), "--task",
+                       "content", "--target", "food=Italian", "--num-samples", "2", "--out", str(out),
+                       "guidance.sampling_steps=5", "--no-progress")
+    assert code == 0, err
+    assert len(out.read_text().splitlines()) == 2
+    code, _, err = run(capsys, "train-classifier", "--model", str(tiny_run), "--task", "content",
+                       f"classifier.out_dir={tmp_path / 'bad'}", "classifier.reads=x1", "--no-progress")
+    assert code == 2 and "classifier.reads must be x_t or x0" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
 
 
 def test_control_bad_inputs(tiny_run, tmp_path, capsys):
