@@ -77,6 +77,12 @@ class Section:
         """Rules between fields (none by default)."""
 
 
+def _one_of(section: Section, key: str, allowed: Sequence[str]) -> None:
+    value = getattr(section, key)
+    if value not in allowed:
+        raise DifflmError(f"unknown {section.section}.{key} {value!r}; choose one of {', '.join(allowed)}")
+
+
 def _divisible(section: Section, width: str = "hidden_size", heads: str = "num_heads") -> None:
     w, h = getattr(section, width), getattr(section, heads)
     if w % h:
@@ -116,6 +122,7 @@ OUTPUTS = ("embedding", "logits")
 OBJECTIVES = ("weighted", "elbo")
 TIME_INPUTS = ("t", "log_snr")
 DENOISERS = ("bert", "prenorm")
+CLASSIFIER_READS = ("x_t", "x0")
 
 
 @dataclass(frozen=True)
@@ -165,17 +172,13 @@ class ModelConfig(Section):
         if self.self_condition_rows is not None and not self.self_condition:
             raise DifflmError(f"model.self_condition_rows={self.self_condition_rows:g} chooses the rows that "
                               f"self-condition; it needs model.self_condition=true")
-        if self.output not in OUTPUTS:
-            raise DifflmError(f"unknown model.output {self.output!r}; choose one of {', '.join(OUTPUTS)}")
+        _one_of(self, "output", OUTPUTS)
         if self.sample_temperature != 1 and self.output != "logits":
             raise DifflmError(f"model.sample_temperature={self.sample_temperature:g} needs model.output=logits (it "
                               f"sharpens softmax(logits / T) E); this model has model.output={self.output}")
-        if self.denoiser not in DENOISERS:
-            raise DifflmError(f"unknown model.denoiser {self.denoiser!r}; choose one of {', '.join(DENOISERS)}")
-        if self.time_input not in TIME_INPUTS:
-            raise DifflmError(f"unknown model.time_input {self.time_input!r}; choose one of {', '.join(TIME_INPUTS)}")
-        if self.objective not in OBJECTIVES:
-            raise DifflmError(f"unknown model.objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        _one_of(self, "denoiser", DENOISERS)
+        _one_of(self, "time_input", TIME_INPUTS)
+        _one_of(self, "objective", OBJECTIVES)
         if self.objective == "elbo" and self.output != "logits":
             raise DifflmError(f"model.objective=elbo needs model.output=logits (its reconstruction term is the "
                               f"network's cross-entropy at t = 0); this model has model.output={self.output}")
@@ -326,8 +329,7 @@ class ClassifierConfig(LoopConfig):
 
     def check(self) -> None:
         _divisible(self)
-        if self.reads not in ("x_t", "x0"):
-            raise DifflmError(f"classifier.reads must be x_t or x0, got {self.reads!r}")
+        _one_of(self, "reads", CLASSIFIER_READS)
 
 
 @dataclass(frozen=True)
