@@ -162,7 +162,7 @@ class ClassifierGuide:
 
     def __init__(self, classifier, index: torch.Tensor, mask: torch.Tensor, x0_fn: Optional[Callable] = None):
         self.classifier, self.index, self.mask = classifier, index, mask
-        self.x0_fn = x0_fn if getattr(classifier.config, "reads", "x_t") == "x0" else None
+        self.x0_fn = x0_fn if classifier.config.reads == "x0" else None
 
     def log_prob(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logp = self.classifier.log_probs(x if self.x0_fn is None else self.x0_fn(x, t), t).flatten(1)
@@ -179,6 +179,19 @@ class TokenGuide:
         logits = rounding_logits(self.x0_fn(x, t), self.embedding).float()  # (B, L, V)
         ok = logits.masked_fill(~self.allowed, float("-inf")).logsumexp(-1)
         return ((ok - logits.logsumexp(-1)) * self.constrained).sum(1)
+
+
+class SharedEstimate:
+    """An x0 estimate remembering its last (x, t): the guides of one guided objective read the same tensors, so the
+    denoiser runs once for all of them (their gradients flow through the one graph)."""
+
+    def __init__(self, x0_fn: Callable):
+        self.x0_fn, self.last = x0_fn, None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.last is None or self.last[0] is not x or self.last[1] is not t:
+            self.last = (x, t, self.x0_fn(x, t))
+        return self.last[2]
 
 
 def classifier_index(target: Target, clf, seq_len: int) -> List[int]:
@@ -255,6 +268,7 @@ def make_control(targets: Dict[str, List[Target]], ctx: ControlContext):
             attrs = [attribute_vector(r, model.config.attributes) for r in targets["content"][a:b]]
             model_fn = SamplingModelFn(model, torch.stack(attrs).to(device), g.free_weight, net=model_fn.net,
                                        temperature=model_fn.temperature)
+        x0 = SharedEstimate(model_fn.x0)
         for task, rows in targets.items():
             rows = rows[a:b]
             if task == "content" and free:
@@ -264,12 +278,12 @@ def make_control(targets: Dict[str, List[Target]], ctx: ControlContext):
                 idx = [classifier_index(r, clf, L) for r in rows]
                 k = max(len(i) for i in idx)
                 index = torch.tensor([i + [-1] * (k - len(i)) for i in idx], device=device)
-                guides.append((ClassifierGuide(clf, index, (index >= 0).to(weight.dtype), model_fn.x0), g.classifier_weight))
+                guides.append((ClassifierGuide(clf, index, (index >= 0).to(weight.dtype), x0), g.classifier_weight))
             if task not in CLASSIFIED or (task in IMPLYING_LENGTH and g.implied_length):
                 parts = [token_constraints(r, ctx) for r in rows]
                 f, allowed, constrained = (torch.stack(p).to(device) for p in zip(*parts))
                 fixed = f if fixed is None else torch.where(f >= 0, f, fixed)
-                guides.append((TokenGuide(model_fn.x0, weight, allowed, constrained), g.constraint_weight))
+                guides.append((TokenGuide(x0, weight, allowed, constrained), g.constraint_weight))
                 lengths = _length_range(f, constrained, ctx, lengths)
         guide = Guidance(model.diffusion, guides, g) if guides else None
         if fixed is None or not g.impute:

@@ -164,6 +164,27 @@ def test_a_classifier_that_reads_x0_scores_the_models_estimate():
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+def test_guides_share_one_x0_estimate_per_objective():
+    """SharedEstimate: the guides of one objective evaluation (same x and t) run the denoiser once, and the gradient
+    through the shared estimate is the sum of theirs; a new x runs it again."""
+    from difflm.control import SharedEstimate
+
+    calls = []
+
+    def x0_fn(v, s):
+        calls.append(1)
+        return 3 * v
+
+    shared = SharedEstimate(x0_fn)
+    x, t = torch.randn(2, 3, 4, requires_grad=True), torch.tensor([0.1, 0.4])
+    total = (shared(x, t) ** 2).sum() + shared(x, t).sum()
+    (grad,) = torch.autograd.grad(total, x)
+    assert len(calls) == 1
+    torch.testing.assert_close(grad, 18 * x.detach() + 3)
+    shared(x.detach().clone(), t)
+    assert len(calls) == 2
+
+
 # ---- targets and their bad inputs --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ctx(tiny_run):
