@@ -41,9 +41,12 @@ def metric_values(out, key="loss"):
 def subprocess_env(threads: int = THREADS, **extra):
     """This environment without the distributed variables that an in-process DeepSpeed run set (a child would
     otherwise try to join that process group's port), with `threads` torch threads per process (THREADS, as here,
-    for a run compared with one of this process; 1 for each of several processes on two cores)."""
+    for a run compared with one of this process; 1 for each of several processes on two cores). MKL's count is set
+    too: torch.set_num_threads sets both here, and an MKL_NUM_THREADS inherited from the shell would otherwise
+    give the child another summation order."""
     dist = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    return {**{k: v for k, v in os.environ.items() if k not in dist}, "OMP_NUM_THREADS": str(threads), **extra}
+    return {**{k: v for k, v in os.environ.items() if k not in dist}, "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads), **extra}
 
 
 @pytest.fixture(scope="session")
