@@ -40,7 +40,7 @@ from .curves import require_tensorboard
 from .data import mr_values, parse_mr, special_ids
 from .engines import TorchEngine
 from .files import check_out_dir, start_out_dir
-from .errors import DifflmError, loading
+from .errors import DifflmError, check_choice, loading
 from .modeling import TimeEmbedding, build_encoder, model_type, register_auto_classes
 from .tagging import POS_TAGS
 from .text import SamplingModelFn, embed_with_noise
@@ -231,8 +231,7 @@ def classifier_loss(clf: NoisyClassifier, x_t: torch.Tensor, t: torch.Tensor, la
 def train_classifier(model, tokenizer, cfg: Config, task: str, show_progress: bool = True,
                      overwrite: bool = False) -> Path:
     """Train a noisy classifier for `task` on cfg.data with the frozen diffusion `model`; returns its directory."""
-    if task not in TASKS:
-        raise DifflmError(f"unknown classifier task {task!r}; choose one of {', '.join(TASKS)}")
+    check_choice("classifier task", task, TASKS)
     c = cfg.classifier
     out = Path(c.out_dir or f"runs/classifier-{task}")
     check_out_dir(out, "classifier.out_dir", overwrite=overwrite)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import DifflmError, TrainingInterrupted
+from .errors import DifflmError, TrainingInterrupted, check_choice
 
 
 class _TqdmHandler(logging.Handler):
@@ -355,9 +355,7 @@ def cmd_train_classifier(args) -> None:
     from .classifier import TASKS, train_classifier
     from .text import load_model
 
-    if args.task not in TASKS:
-        raise DifflmError(f"unknown classifier task {args.task!r}; choose one of {', '.join(TASKS)} "
-                          f"(length and infill need no classifier)")
+    check_choice("classifier task", args.task, TASKS, " (length and infill need no classifier)")
     cfg = _config_for_model(args)
     model, tokenizer = load_model(resolve_model_dir(args.model))
     train_classifier(model, tokenizer, cfg, args.task, show_progress=not args.no_progress, overwrite=args.overwrite)
@@ -478,8 +476,7 @@ def cmd_info(args) -> None:
 def cmd_check_grammar(args) -> None:
     from .grammar import BUILTIN, builtin_grammar
 
-    if args.grammar not in BUILTIN:
-        raise DifflmError(f"unknown grammar {args.grammar!r}; choose one of {', '.join(BUILTIN)}")
+    check_choice("grammar", args.grammar, BUILTIN)
     g = builtin_grammar(args.grammar)
     texts = read_samples(args.samples)
     ok = [g.is_grammatical(t) for t in texts]

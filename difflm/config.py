@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Dict, Optional, Sequence
 
 import yaml
 
-from .errors import DifflmError
+from .errors import DifflmError, check_choice
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,7 @@ class Section:
 
 
 def _one_of(section: Section, key: str, allowed: Sequence[str]) -> None:
-    value = getattr(section, key)
-    if value not in allowed:
-        raise DifflmError(f"unknown {section.section}.{key} {value!r}; choose one of {', '.join(allowed)}")
+    check_choice(f"{section.section}.{key}", getattr(section, key), allowed)
 
 
 def _divisible(section: Section, width: str = "hidden_size", heads: str = "num_heads") -> None:

@@ -32,7 +32,7 @@ import torch
 
 from .config import GuidanceConfig
 from .data import parse_mr, special_ids
-from .errors import DifflmError
+from .errors import DifflmError, check_choice
 from .guidance import Guidance
 from .sampling import Sampler
 from .rounding import rounding_logits
@@ -86,8 +86,7 @@ class ControlContext:
 # ---- targets -----------------------------------------------------------------------------------------------------
 def parse_target(task: str, spec: str, ctx: ControlContext) -> Target:
     """A target from its `--target` string, or a one-line error saying what is wrong and what is valid."""
-    if task not in TASKS:
-        raise DifflmError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    check_choice("task", task, TASKS)
     spec = spec.strip()
     n_max = ctx.body_len
     if task == "content":

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .config import DataConfig
-from .errors import DifflmError, loading
+from .errors import DifflmError, check_choice, loading
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,7 @@ def load_texts(cfg: DataConfig) -> TextSplits:
         from .grammar import BUILTIN, builtin_grammar
 
         name = cfg.source.split(":", 1)[1]
-        if name not in BUILTIN:
-            raise DifflmError(f"unknown builtin corpus {name!r}; choose one of {', '.join(BUILTIN)}")
+        check_choice("builtin corpus", name, BUILTIN)
         g = builtin_grammar(name)
         train = g.corpus_with_meanings(cfg.builtin_train, cfg.builtin_seed)
         dev = g.corpus_with_meanings(cfg.builtin_dev, cfg.builtin_seed + 1)

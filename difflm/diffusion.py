@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .errors import DifflmError
+from .errors import DifflmError, check_choice
 from .schedules import EndpointSchedule, Schedule
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -128,8 +128,7 @@ class GaussianDiffusion(nn.Module):
     def __init__(self, schedule: Schedule, num_steps: Optional[int] = 2000, prediction: str = "x0",
                  t_min: float = 0.0):
         super().__init__()
-        if prediction not in PREDICTIONS:
-            raise DifflmError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+        check_choice("prediction", prediction, PREDICTIONS)
         if num_steps is not None and num_steps < 1:
             raise DifflmError(f"num_steps must be a positive integer or null for continuous time, got {num_steps}")
         self.schedule, self.num_steps, self.prediction, self.t_min = schedule, num_steps, prediction, t_min

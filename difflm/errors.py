@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Sequence
 
 
 class DifflmError(Exception):
     """Bad input from the user (a path, a config value, a model directory); the message names the fix."""
+
+
+def check_choice(what: str, value, allowed: Sequence[str], hint: str = "") -> None:
+    """The one wording for a value outside its allowed set: "unknown WHAT 'value'; choose one of A, B" + hint."""
+    if value not in allowed:
+        raise DifflmError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}{hint}")
 
 
 @contextlib.contextmanager

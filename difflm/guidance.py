@@ -22,7 +22,7 @@ import torch
 
 from .config import GuidanceConfig
 from .diffusion import GaussianDiffusion, _bcast
-from .errors import DifflmError
+from .errors import check_choice
 from .sampling import StepState
 
 OPTIMIZERS = ("adagrad", "sgd")
@@ -34,8 +34,7 @@ class Guide(Protocol):
 
 
 def check_guidance_config(cfg: GuidanceConfig) -> None:
-    if cfg.optimizer not in OPTIMIZERS:
-        raise DifflmError(f"unknown guidance.optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    check_choice("guidance.optimizer", cfg.optimizer, OPTIMIZERS)
 
 
 class Guidance:

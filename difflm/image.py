@@ -28,7 +28,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from .card import warn_if_unfinished
 from .config import Config, DataConfig, positive_ints
 from .diffusion import ELBOTerms, GaussianDiffusion, _bcast, _sum_except_batch
-from .errors import DifflmError, loading
+from .errors import DifflmError, check_choice, loading
 from .modeling import TimeEmbedding, model_type, register_auto_classes
 from .runtime import Setup
 from .schedules import get_schedule
@@ -128,8 +128,7 @@ def load_images(cfg: DataConfig) -> ImageSplits:
     against data.image_channels and data.image_size."""
     if cfg.source.startswith("builtin:"):
         name = cfg.source.split(":", 1)[1]
-        if name not in BUILTIN_IMAGES:
-            raise DifflmError(f"unknown builtin image set {name!r}; choose one of {', '.join(BUILTIN_IMAGES)}")
+        check_choice("builtin image set", name, BUILTIN_IMAGES)
         splits = ImageSplits(builtin_shapes(cfg.builtin_train, cfg.builtin_seed, cfg.image_size),
                              builtin_shapes(cfg.builtin_dev, cfg.builtin_seed + 1, cfg.image_size))
     elif Path(cfg.source).expanduser().is_dir() and any(Path(cfg.source).expanduser().glob("*idx3-ubyte*")):

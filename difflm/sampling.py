@@ -44,7 +44,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .diffusion import GaussianDiffusion, ModelFn, TimeWarp, _bcast
-from .errors import DifflmError
+from .errors import DifflmError, check_choice
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 GRIDS = ("uniform", "logsnr", "warp")
@@ -66,8 +66,7 @@ class Sampler:
     eta: Optional[float] = None
 
     def __post_init__(self):
-        if self.name not in SAMPLERS:
-            raise DifflmError(f"unknown sampler {self.name!r}; choose one of {', '.join(SAMPLERS)}")
+        check_choice("sampler", self.name, SAMPLERS)
         check_grid(self.grid)
         if self.order is not None:
             if self.name != "dpm++":
@@ -96,8 +95,7 @@ class Sampler:
 
 
 def check_grid(grid: str) -> None:
-    if grid not in GRIDS:
-        raise DifflmError(f"unknown time grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    check_choice("time grid", grid, GRIDS)
 
 
 def as_sampler(sampler: Union[str, Sampler]) -> Sampler:

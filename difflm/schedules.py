@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .errors import DifflmError
+from .errors import DifflmError, check_choice
 
 
 class Schedule(nn.Module):
@@ -256,8 +256,7 @@ def get_schedule(name: str, log_snr_max: float = 10.0, log_snr_min: float = -10.
     """The schedule called `name`; `log_snr_max` / `log_snr_min` are the log-SNR at t = 0 and t = 1 of those that
     take endpoints (ENDPOINT_SCHEDULES), `log_snr_max_floor` a floor on the learned log_snr(0) (Learned only),
     and `noise_scale` != 1 wraps it in NoiseScaled."""
-    if name not in SCHEDULES:
-        raise DifflmError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    check_choice("schedule", name, SCHEDULES)
     if log_snr_max_floor is not None and name != Learned.name:
         raise DifflmError(f"a floor on log_snr(0) is for the learned schedule; schedule {name!r} has fixed endpoints")
     if name == Learned.name:

@@ -30,7 +30,7 @@ from .data import (TextSplits, attribute_names, attribute_vectors, build_tokeniz
                    load_tokenizer, special_ids)
 from .diffusion import PREDICTIONS
 from .engines import engine_config, make_engine
-from .errors import DifflmError, TrainingInterrupted
+from .errors import DifflmError, TrainingInterrupted, check_choice
 from .files import check_out_dir, start_out_dir
 from .modeling import TextDiffusionConfig, TextDiffusionModel
 from .runtime import Setup, rank, resolve_device, world_size
@@ -211,10 +211,8 @@ def _bucket_lengths(model, rows: torch.Tensor) -> Optional[torch.Tensor]:
 def _check(cfg: Config) -> None:
     engine_config(cfg.train)
     d = cfg.diffusion
-    if d.schedule not in SCHEDULES:
-        raise DifflmError(f"unknown diffusion.schedule {d.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if d.prediction not in PREDICTIONS:
-        raise DifflmError(f"unknown diffusion.prediction {d.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+    check_choice("diffusion.schedule", d.schedule, SCHEDULES)
+    check_choice("diffusion.prediction", d.prediction, PREDICTIONS)
     if cfg.data.modality not in ("text", "image"):
         raise DifflmError(f"unknown data.modality {cfg.data.modality!r}; choose text or image")
     _check_recipe(cfg)
