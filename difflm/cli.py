@@ -436,8 +436,7 @@ def cmd_eval_control(args) -> None:
             raise DifflmError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     task_sets = [[t.strip() for t in s.split("+") if t.strip()] for s in args.tasks.split(",") if s.strip()]
     for t in (t for s in task_sets for t in s):
-        if t not in TASKS + ("content-free",):
-            raise DifflmError(f"unknown task {t!r} in --tasks; choose from {', '.join(TASKS)}, content-free")
+        check_choice("task", t, TASKS + ("content-free",), " (in --tasks; + joins tasks)")
     cfg = _config_for_model(args)
     device = resolve_device(args.device)
     ctx = _control_context(args, cfg, device)

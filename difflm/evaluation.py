@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import decode, encode, load_texts
-from .errors import DifflmError
+from .errors import DifflmError, check_choice
 from .grammar import source_grammar
 from .metrics import bound_report, diversity, grammar_report, sequence_bounds
 from .sampling import check_request
@@ -62,9 +62,8 @@ class Evaluation:
 
 
 def check_metrics(names: Sequence[str]) -> List[str]:
-    unknown = [n for n in names if n not in METRICS]
-    if unknown:
-        raise DifflmError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    for n in names:
+        check_choice("metric", n, METRICS)
     return list(names)
 
 

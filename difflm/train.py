@@ -213,8 +213,7 @@ def _check(cfg: Config) -> None:
     d = cfg.diffusion
     check_choice("diffusion.schedule", d.schedule, SCHEDULES)
     check_choice("diffusion.prediction", d.prediction, PREDICTIONS)
-    if cfg.data.modality not in ("text", "image"):
-        raise DifflmError(f"unknown data.modality {cfg.data.modality!r}; choose text or image")
+    check_choice("data.modality", cfg.data.modality, ("text", "image"))
     _check_recipe(cfg)
 
 

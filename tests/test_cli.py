@@ -140,6 +140,7 @@ def test_dataset_directory_with_splits(tmp_path, capsys):
 @pytest.mark.parametrize("override,message", [
     ("diffusion.schedule=sqrtt", "unknown diffusion.schedule 'sqrtt'"),
     ("diffusion.prediction=noise", "unknown diffusion.prediction 'noise'"),
+    ("data.modality=audio", "unknown data.modality 'audio'; choose one of text, image"),
     ("model.num_heads=3", "must be divisible by model.num_heads"),
     ("train.batch_size=0", "train.batch_size must be positive"),
     ("train.lr=-1", "train.lr must be positive, got -1.0"),

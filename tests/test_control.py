@@ -390,6 +390,11 @@ def test_control_bad_inputs(tiny_run, tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
     code, _, err = run(capsys, "train-classifier", "--model", str(tiny_run), "--task", "length")
     assert code == 2 and "length and infill need no classifier" in err
+    code, _, err = run(capsys, "eval-control", "--model", str(tiny_run), "--tasks", "length+dance",
+                       "--out", str(tmp_path / "ec"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "unknown task 'dance'; choose one of content, length, infill, pos, syntax, content-free (in --tasks" in err
+    assert not (tmp_path / "ec").exists()
 
 
 def test_control_with_dpm_solver(tiny_run, tmp_path, capsys):
